@@ -1,0 +1,32 @@
+"""adaptive_batch: pick which samples and how many go into each training step.
+
+The parts, wired as in a training loop::
+
+    AdaptiveBatchSampler --indices--> DataLoader --batch--> SubsetFilter --kept subset--> your loop
+             ^                                                   |
+             +---------- Feedback (statistics, dataset indices) --+   (HeadProbe scores each batch)
+"""
+
+from .feedback import Feedback, Reason, Selection
+from .filter import SubsetFilter
+from .indexed import IndexedDataset, IndexedSample, fetch_batch
+from .probe import HeadProbe, find_head
+from .probe_result import ProbeResult
+from .sampler import AdaptiveBatchSampler
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveBatchSampler",
+    "Feedback",
+    "HeadProbe",
+    "IndexedDataset",
+    "IndexedSample",
+    "ProbeResult",
+    "Reason",
+    "Selection",
+    "SubsetFilter",
+    "__version__",
+    "fetch_batch",
+    "find_head",
+]

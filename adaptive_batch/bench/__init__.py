@@ -1,0 +1,1 @@
+"""Benchmarks behind ``adaptive-batch bench``: figures measured side by side in one run."""

@@ -1,0 +1,181 @@
+"""SubsetFilter: keeps the best subset of each batch and feeds back to the sampler."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .batch_structure import get_field, take
+from .feedback import Feedback, Selection
+from .indexed import IndexedSample
+from .policies.base import KeepAll, SelectionRule, selection_rule_of
+from .probe import HeadProbe
+from .probe_result import ProbeResult
+from .sampler import AdaptiveBatchSampler
+
+__all__ = ["SubsetFilter"]
+
+Probe = Callable[[Any, Tensor], ProbeResult]
+
+
+class SubsetFilter:
+    """Wraps an iterable of batches (a DataLoader, say) and yields the kept subset of each.
+
+    For every batch: probe it, let the policy's selection rule choose, yield the kept samples in
+    the structure the batch came in, and -- when a sampler is given -- send it a
+    :class:`~adaptive_batch.Feedback` naming the dataset indices kept and dropped. No batch is ever
+    dropped whole: a degenerate one is kept entire, and :attr:`reasons` counts why.
+
+    Args:
+        batches: the source of batches, iterated anew by each ``iter()``. ``None`` when you call
+            :meth:`filter_batch` yourself (as :class:`~adaptive_batch.nodes.SubsetFilterNode`
+            does).
+        probe: a :class:`~adaptive_batch.HeadProbe`, or the model (probed with default settings),
+            or any ``probe(inputs, targets) -> ProbeResult``.
+        policy: a :class:`~adaptive_batch.policies.Policy` or a selection rule; only its selection
+            half is used here. Default: the sampler's policy; a policy without a selection rule
+            keeps every sample (the filter then only measures).
+        sampler: the :class:`~adaptive_batch.AdaptiveBatchSampler` to report to. Batches must then
+            come from an :class:`~adaptive_batch.IndexedDataset` so each carries its indices.
+        inputs, targets: where the model's inputs and the targets are in each batch (a position
+            or a key). Default ``0`` and ``1``, as in ``for x, y in loader``.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from adaptive_batch import AdaptiveBatchSampler, IndexedDataset
+        >>> from adaptive_batch.policies import EDBA
+        >>> ds = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        >>> sampler = AdaptiveBatchSampler(ds, policy=EDBA(), batch_size=16, min_batch_size=4)
+        >>> loader = DataLoader(IndexedDataset(ds), batch_sampler=sampler)
+        >>> sizes = [len(y) for x, y in SubsetFilter(loader, model, sampler=sampler)]
+        >>> all(1 <= s <= 32 for s in sizes)
+        True
+    """
+
+    def __init__(
+        self,
+        batches: Iterable[Any] | None,
+        probe: HeadProbe | nn.Module | Probe,
+        *,
+        policy: Any = None,
+        sampler: AdaptiveBatchSampler | None = None,
+        inputs: int | str = 0,
+        targets: int | str = 1,
+    ) -> None:
+        if isinstance(probe, nn.Module):
+            probe = HeadProbe(probe)
+        elif not callable(probe):
+            raise TypeError(
+                f"probe must be a HeadProbe, a model or a callable; got {type(probe).__name__}"
+            )
+        if sampler is not None and not isinstance(sampler, AdaptiveBatchSampler):
+            raise TypeError(
+                f"sampler must be an AdaptiveBatchSampler; got {type(sampler).__name__}"
+            )
+        if policy is None and sampler is not None:
+            policy = sampler.policy
+        self.batches = batches
+        self.probe = probe
+        self.rule: SelectionRule = selection_rule_of(policy) or KeepAll()
+        self.sampler = sampler
+        self.inputs = inputs
+        self.targets = targets
+        self.reasons: Counter[str] = Counter()
+        self.num_candidates = 0
+        self.num_kept = 0
+        self.last_feedback: Feedback | None = None
+
+    @property
+    def num_batches(self) -> int:
+        return sum(self.reasons.values())
+
+    def __iter__(self) -> Iterator[Any]:
+        if self.batches is None:
+            raise TypeError("this SubsetFilter has no source of batches; call filter_batch(batch)")
+        for batch in self.batches:
+            yield self.filter_batch(batch)
+
+    def __len__(self) -> int:
+        """The source's length: filtering never removes a whole batch."""
+        return len(self.batches)  # type: ignore[arg-type]
+
+    def filter_batch(self, batch: Any) -> Any:
+        """Probe, select and report one batch; return its kept samples."""
+        indices: Tensor | None = None
+        if isinstance(batch, IndexedSample):
+            indices, batch = torch.as_tensor(batch.index).flatten().cpu(), batch.sample
+        elif self.sampler is not None:
+            raise ValueError(
+                "the SubsetFilter reports to a sampler, so each batch must carry its dataset "
+                "indices: wrap the dataset as IndexedDataset(dataset)"
+            )
+        result = self.probe(get_field(batch, self.inputs), get_field(batch, self.targets))
+        selection = self.rule.select(result)
+        if selection.batch_size != result.batch_size:
+            raise ValueError(
+                f"{type(self.rule).__name__} selected from {selection.batch_size} samples; the batch has {result.batch_size}"
+            )
+        if indices is not None and indices.numel() != result.batch_size:
+            raise ValueError(
+                f"the batch has {result.batch_size} samples but {indices.numel()} indices"
+            )
+        feedback = self._feedback(result, selection, indices)
+        if self.sampler is not None:
+            self.sampler.feedback(feedback)
+        self.last_feedback = feedback
+        self.reasons[selection.reason] += 1
+        self.num_candidates += selection.batch_size
+        self.num_kept += selection.kept.numel()
+        if selection.kept.numel() == selection.batch_size:
+            return batch
+        return take(batch, selection.kept, selection.batch_size)
+
+    @staticmethod
+    def _feedback(result: ProbeResult, selection: Selection, indices: Tensor | None) -> Feedback:
+        mask = torch.zeros(1, result.batch_size, dtype=torch.bool)
+        mask[0, selection.kept] = True
+        measured = torch.stack(
+            [
+                result.losses.mean(),
+                result.mean_grad_sq_norm(),
+                result.grad_variance(),
+                result.subset_mean_grad_sq_norms(mask.to(result.device, non_blocking=True))[0],
+            ]
+        ).tolist()
+        stats = dict(
+            zip(
+                ("loss", "grad_sq_norm", "grad_variance", "kept_grad_sq_norm"),
+                measured,
+                strict=True,
+            )
+        )
+        stats.update(selection.stats)
+        if indices is None:
+            kept, dropped = selection.kept, selection.dropped
+        else:
+            kept, dropped = indices[selection.kept], indices[selection.dropped]
+        return Feedback(kept=kept, dropped=dropped, reason=selection.reason, stats=stats)
+
+    # -- checkpointing ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The selection rule's state and the counters (not the source's position)."""
+        return {
+            "rule": self.rule.state_dict(),
+            "reasons": dict(self.reasons),
+            "num_candidates": self.num_candidates,
+            "num_kept": self.num_kept,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rule.load_state_dict(state["rule"])
+        self.reasons = Counter(state["reasons"])
+        self.num_candidates = state["num_candidates"]
+        self.num_kept = state["num_kept"]

@@ -1,0 +1,64 @@
+"""SubsetFilterNode: the SubsetFilter as a ``torchdata.nodes`` node."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torchdata.nodes import BaseNode
+
+from .filter import SubsetFilter
+
+__all__ = ["SubsetFilterNode"]
+
+
+class SubsetFilterNode(BaseNode[Any]):
+    """Keeps the best subset of each batch from ``source``; resumable through ``Loader.state_dict()``.
+
+    Takes the keyword arguments of :class:`~adaptive_batch.SubsetFilter`. Its state is the
+    source's state and the filter's (selection rule and counters); ``reset()`` without a state
+    starts a new pass of the source but keeps the rule's running statistics, which span epochs.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> from torch.utils.data import TensorDataset
+        >>> from torchdata.nodes import Loader, Mapper, SamplerWrapper
+        >>> from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, fetch_batch
+        >>> from adaptive_batch.policies import EDBA
+        >>> ds = IndexedDataset(TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,))))
+        >>> model = nn.Sequential(nn.Linear(4, 3))
+        >>> sampler = AdaptiveBatchSampler(ds, policy=EDBA(), batch_size=10, min_batch_size=5)
+        >>> batches = Mapper(SamplerWrapper(sampler), lambda idx: fetch_batch(ds, idx))
+        >>> loader = Loader(SubsetFilterNode(batches, model, sampler=sampler))
+        >>> sum(len(y) for x, y in loader) <= 40
+        True
+    """
+
+    SOURCE_KEY = "source"
+    FILTER_KEY = "filter"
+
+    def __init__(self, source: BaseNode[Any], probe: Any, **filter_kwargs: Any) -> None:
+        super().__init__()
+        if not isinstance(source, BaseNode):
+            raise TypeError(
+                f"source must be a torchdata.nodes.BaseNode; got {type(source).__name__}"
+            )
+        self.source = source
+        self.filter = SubsetFilter(None, probe, **filter_kwargs)
+
+    def reset(self, initial_state: dict[str, Any] | None = None) -> None:
+        super().reset(initial_state)
+        if initial_state is None:
+            self.source.reset()
+        else:
+            self.source.reset(initial_state[self.SOURCE_KEY])
+            self.filter.load_state_dict(initial_state[self.FILTER_KEY])
+
+    def next(self) -> Any:
+        return self.filter.filter_batch(next(self.source))
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            self.SOURCE_KEY: self.source.state_dict(),
+            self.FILTER_KEY: self.filter.state_dict(),
+        }
