@@ -7,9 +7,11 @@ The parts, wired as in a training loop::
              +---------- Feedback (statistics, dataset indices) --+   (HeadProbe scores each batch)
 """
 
-from .feedback import Feedback, Reason, Selection
+from .feedback import Feedback, Progress, Reason, Selection
 from .filter import SubsetFilter
 from .indexed import IndexedDataset, IndexedSample, fetch_batch
+from .lr_coupling import BatchSizeLR
+from .per_layer import PerLayerBackward
 from .probe import HeadProbe, find_head
 from .probe_result import ProbeResult
 from .sampler import AdaptiveBatchSampler
@@ -18,11 +20,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveBatchSampler",
+    "BatchSizeLR",
     "Feedback",
     "HeadProbe",
     "IndexedDataset",
     "IndexedSample",
+    "PerLayerBackward",
     "ProbeResult",
+    "Progress",
     "Reason",
     "Selection",
     "SubsetFilter",

@@ -7,6 +7,9 @@ import sys
 
 import torch
 
+from .demo import fixed_batch_size
+from .recipes import POLICY_NAMES
+
 
 def _fraction(text: str) -> float:
     value = float(text)
@@ -56,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="folder for demo.png and results.json (default demo-output)",
     )
     demo.add_argument(
-        "--policy", default="edba", choices=["edba"], help="the adaptive policy (default edba)"
+        "--policy", default="edba", choices=POLICY_NAMES, help="the adaptive policy (default edba)"
     )
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -85,7 +88,49 @@ def build_parser() -> argparse.ArgumentParser:
         default=2**26,
         help="torch.func path memory bound (numbers)",
     )
+    policies = parts.add_parser(
+        "policies", help="every policy on digits over several seeds (resumable)"
+    )
+    policies.add_argument(
+        "--policies",
+        type=_names,
+        default=("fixed", *POLICY_NAMES),
+        help="comma-separated names: fixed (batch 100), fixed-<size>, or a policy (default: fixed and every policy)",
+    )
+    policies.add_argument(
+        "--seeds", type=_ints, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)"
+    )
+    policies.add_argument(
+        "--epochs", type=_positive, default=30, help="epochs per run (default 30)"
+    )
+    policies.add_argument(
+        "--data-fraction",
+        type=_fraction,
+        default=1.0,
+        help="fraction of the training split (default 1)",
+    )
+    policies.add_argument(
+        "--out", default="bench-output", help="folder for policies.csv and policies.md"
+    )
+    policies.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in POLICY_NAMES and fixed_batch_size(n) is None]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown policies {unknown}; choose from fixed, fixed-<size>, {', '.join(POLICY_NAMES)}"
+        )
+    return names
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +156,27 @@ def main(argv: list[str] | None = None) -> int:
             for shape in args.shape or DEFAULT_SHAPES
         ]
         print(format_probe_cost(costs, args.device, torch.get_num_threads()))
+    elif args.command == "bench" and args.part == "policies":
+        from pathlib import Path
+
+        from .bench.policies import format_policy_table, run_policy_bench
+
+        rows = run_policy_bench(
+            args.policies,
+            args.seeds,
+            epochs=args.epochs,
+            data_fraction=args.data_fraction,
+            out_dir=args.out,
+            show_progress=not args.no_progress,
+        )
+        table = format_policy_table(rows, args.policies)
+        header = (
+            f"digits, {args.epochs} epochs, data fraction {args.data_fraction:g}, seeds "
+            f"{','.join(map(str, args.seeds))}, {torch.get_num_threads()} torch threads, device cpu"
+        )
+        print(header)
+        print(table)
+        (Path(args.out) / "policies.md").write_text(header + "\n\n" + table + "\n")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Both runs share the model initialisation, optimizer settings, data split and number of epochs;
 only the batches differ. The fixed run is what a PyTorch user does today (a shuffled
-``DataLoader``); the adaptive run adds the sampler, the filter and the policy, nothing else.
+``DataLoader``); the adaptive run adds the sampler, the filter (or, for DBA, the per-layer
+backward) and the policy's learning-rate coupling where its paper has one (see ``recipes.py``).
 """
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 from ._optional import require
 from .filter import SubsetFilter
 from .indexed import IndexedDataset
-from .policies import EDBA
+from .lr_coupling import BatchSizeLR
+from .per_layer import PerLayerBackward
+from .recipes import POLICY_NAMES, recipe
 from .sampler import AdaptiveBatchSampler
 
-__all__ = ["RunResult", "load_digits_split", "run_demo"]
+__all__ = ["RunResult", "load_digits_split", "run_demo", "train_run"]
 
-POLICIES = {"edba": EDBA}
 BATCH_SIZE = 100  # EDBA's starting size; the fixed run keeps it
 # SGD with the EDBA paper's Nesterov momentum 0.9 and weight decay 1e-5; its learning rate (1e-3,
 # for PreResNet56 over hundreds of epochs) is raised to 0.05 so this small MLP trains in seconds.
@@ -84,30 +86,113 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
         return (model(x).argmax(dim=1) == y).float().mean().item()
 
 
-def _train(name, model, batches, epochs, progress, feedback_of=None) -> RunResult:
+def fixed_batch_size(name: str) -> int | None:
+    """The batch size of a plain-DataLoader run: ``"fixed"`` (100) or ``"fixed-<size>"``;
+    ``None`` for a policy."""
+    if name == "fixed":
+        return BATCH_SIZE
+    prefix, _, size = name.partition("-")
+    if prefix == "fixed" and size.isdigit() and int(size) >= 1:
+        return int(size)
+    return None
+
+
+class _Run:
+    """Bookkeeping of one training run."""
+
+    def __init__(self, name: str, progress: Any) -> None:
+        self.result = RunResult(name, 0.0, 0, 0, 0, 0.0)
+        self.progress = progress
+
+    def record(self, loss: float, trained: int, candidates: int, probed: bool) -> None:
+        r = self.result
+        r.steps += 1
+        r.samples_trained += trained
+        r.samples_probed += candidates if probed else 0
+        r.losses.append(loss)
+        r.batch_sizes.append(trained)
+        r.candidate_sizes.append(candidates)
+        self.progress.set_postfix(run=r.name, loss=f"{loss:.3f}", batch=trained, refresh=False)
+
+
+def train_run(
+    name: str,
+    train: TensorDataset,
+    test: TensorDataset,
+    allowed: torch.Tensor,
+    *,
+    seed: int,
+    epochs: int,
+    progress: Any,
+) -> RunResult:
+    """Train the demo MLP with ``name`` ("fixed", "fixed-<size>" or a recipe name); one tick of ``progress`` per
+    epoch. Raises ``RuntimeError`` if the sampler ever used an index outside ``allowed``."""
+    model = make_model(seed)
     optimizer = torch.optim.SGD(model.parameters(), **OPTIMIZER)
-    result = RunResult(name, 0.0, 0, 0, 0, 0.0)
+    run = _Run(name, progress)
+
+    def sgd_step(x: torch.Tensor, y: torch.Tensor) -> float:
+        model.train()
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
     start = time.perf_counter()
-    for _ in range(epochs):
-        for x, y in batches:
-            model.train()
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            candidates = feedback_of().batch_size if feedback_of else len(y)
-            result.steps += 1
-            result.samples_trained += len(y)
-            result.samples_probed += (
-                candidates if feedback_of else 0
-            )  # the fixed run probes nothing
-            result.losses.append(loss.item())
-            result.batch_sizes.append(len(y))
-            result.candidate_sizes.append(candidates)
-            progress.set_postfix(run=name, loss=f"{loss.item():.3f}", batch=len(y), refresh=False)
-        progress.update(1)
-    result.wall_seconds = time.perf_counter() - start
-    return result
+    fixed_size = fixed_batch_size(name)
+    if fixed_size is not None:
+        subset = Subset(train, allowed.tolist())
+        batches = DataLoader(
+            subset,
+            batch_size=fixed_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for _ in range(epochs):
+            for x, y in batches:
+                run.record(sgd_step(x, y), len(y), len(y), probed=False)
+            progress.update(1)
+    else:
+        r = recipe(name, seed=seed, lr=OPTIMIZER["lr"], total_samples=epochs * len(allowed))
+        sampler = AdaptiveBatchSampler(
+            train, policy=r.policy, indices=allowed, seed=seed, **r.sampler_kwargs()
+        )
+        loader = DataLoader(IndexedDataset(train), batch_sampler=sampler)
+        scheduler = BatchSizeLR(optimizer, sampler, r.lr_rule) if r.lr_rule else None
+        backward = PerLayerBackward(model, r.policy, sampler=sampler) if r.per_layer else None
+        filtered = None if r.per_layer else SubsetFilter(loader, model, sampler=sampler)
+        for _ in range(epochs):
+            if backward is not None:
+                for batch in loader:
+                    model.train()
+                    optimizer.zero_grad()
+                    loss = backward(batch).item()
+                    optimizer.step()
+                    fb = backward.last_feedback
+                    # Each layer trains on its own subset: count the mean subset size.
+                    run.record(
+                        loss,
+                        round(fb.stats["kept_fraction"] * fb.batch_size),
+                        fb.batch_size,
+                        probed=True,
+                    )
+                    if scheduler is not None:
+                        scheduler.step()
+            else:
+                for x, y in filtered:
+                    loss = sgd_step(x, y)
+                    run.record(loss, len(y), filtered.last_feedback.batch_size, probed=True)
+                    if scheduler is not None:
+                        scheduler.step()
+            progress.update(1)
+        # The leakage check: the sampler only ever handed out indices of the allowed subset.
+        used = (sampler.times_kept + sampler.times_dropped).nonzero().flatten()
+        if not set(used.tolist()) <= set(allowed.tolist()):
+            raise RuntimeError(f"{name}: an index outside the training subset was used")
+    run.result.wall_seconds = time.perf_counter() - start
+    run.result.test_accuracy = accuracy(model, test)
+    return run.result
 
 
 def run_demo(
@@ -124,50 +209,22 @@ def run_demo(
         raise ValueError(f"data_fraction must lie in (0, 1]; got {data_fraction}")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1; got {epochs}")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose from {sorted(POLICIES)}")
+    if policy not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
     tqdm = require("tqdm", "demo", "the demo").tqdm
     train, test, allowed = load_digits_split(seed, data_fraction)
-    loader_seed = torch.Generator().manual_seed(seed)
-    fixed_batches = DataLoader(
-        Subset(train, allowed.tolist()), batch_size=BATCH_SIZE, shuffle=True, generator=loader_seed
-    )
-
-    sampler = AdaptiveBatchSampler(
-        train, policy=POLICIES[policy](seed=seed), indices=allowed, seed=seed
-    )
-    model = make_model(seed)
-    adaptive_batches = SubsetFilter(
-        DataLoader(IndexedDataset(train), batch_sampler=sampler), model, sampler=sampler
-    )
-
-    fixed_model = make_model(seed)
     with tqdm(total=2 * epochs, desc="demo", unit="epoch", disable=not show_progress) as progress:
-        fixed = _train("fixed", fixed_model, fixed_batches, epochs, progress)
-        adaptive = _train(
-            policy,
-            model,
-            adaptive_batches,
-            epochs,
-            progress,
-            lambda: adaptive_batches.last_feedback,
-        )
-    fixed.test_accuracy = accuracy(fixed_model, test)
-    adaptive.test_accuracy = accuracy(model, test)
-
-    # The leakage check: the sampler only ever handed out indices of the allowed subset.
-    used = (sampler.times_kept + sampler.times_dropped).nonzero().flatten()
-    if not set(used.tolist()) <= set(allowed.tolist()):
-        raise RuntimeError("an index outside the training subset was used")
-
-    results = [fixed, adaptive]
+        results = [
+            train_run(name, train, test, allowed, seed=seed, epochs=epochs, progress=progress)
+            for name in ("fixed", policy)
+        ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(format_table(results, seed=seed, data_fraction=data_fraction, num_train=len(allowed)))
     save_plot(results, out / "demo.png")
     (out / "results.json").write_text(json.dumps([summary(r) for r in results], indent=2) + "\n")
     print(
-        f"index set check: all {len(used)} indices used lie in the {len(allowed)}-sample training subset"
+        f"index set check: every index the sampler used lies in the {len(allowed)}-sample training subset"
     )
     print(f"wrote {out / 'demo.png'} and {out / 'results.json'}")
     return results
@@ -179,7 +236,7 @@ def summary(result: RunResult) -> dict[str, Any]:
 
 
 COLUMNS = [
-    ("run", "{:<8}", lambda r: r.name),
+    ("run", "{:<18}", lambda r: r.name),
     ("test acc %", "{:>10}", lambda r: f"{100 * r.test_accuracy:.2f}"),
     ("steps", "{:>6}", lambda r: str(r.steps)),
     ("samples trained", "{:>15}", lambda r: str(r.samples_trained)),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-__all__ = ["Feedback", "Reason", "Selection"]
+__all__ = ["Feedback", "Progress", "Reason", "Selection"]
 
 
 class Reason:
@@ -104,3 +104,27 @@ class Feedback:
     @property
     def num_kept(self) -> int:
         return self.kept.numel()
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far training has come, as the sampler counts it; passed to sizing rules.
+
+    Attributes:
+        updates: batches fed back so far, this one included.
+        samples: candidates fed back so far, this batch included.
+        epoch_size: indices per epoch (the size of the sampler's index set).
+    """
+
+    updates: int
+    samples: int
+    epoch_size: int
+
+    @property
+    def epochs(self) -> float:
+        """Epochs of candidates fed back so far (fractional)."""
+        return self.samples / self.epoch_size
+
+    @property
+    def completed_epochs(self) -> int:
+        return self.samples // self.epoch_size

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from .batch_structure import get_field, take
 from .feedback import Feedback, Selection
 from .indexed import IndexedSample
-from .policies.base import KeepAll, SelectionRule, selection_rule_of
+from .policies.base import KeepAll, SelectionRule, probe_scope_of, selection_rule_of
 from .probe import HeadProbe
 from .probe_result import ProbeResult
 from .sampler import AdaptiveBatchSampler
@@ -34,7 +34,8 @@ class SubsetFilter:
         batches: the source of batches, iterated anew by each ``iter()``. ``None`` when you call
             :meth:`filter_batch` yourself (as :class:`~adaptive_batch.nodes.SubsetFilterNode`
             does).
-        probe: a :class:`~adaptive_batch.HeadProbe`, or the model (probed with default settings),
+        probe: a :class:`~adaptive_batch.HeadProbe`, or the model (probed with default settings:
+            its head, or every parameter when a rule of the policy has ``probe_scope == "model"``),
             or any ``probe(inputs, targets) -> ProbeResult``.
         policy: a :class:`~adaptive_batch.policies.Policy` or a selection rule; only its selection
             half is used here. Default: the sampler's policy; a policy without a selection rule
@@ -69,18 +70,25 @@ class SubsetFilter:
         inputs: int | str = 0,
         targets: int | str = 1,
     ) -> None:
-        if isinstance(probe, nn.Module):
-            probe = HeadProbe(probe)
-        elif not callable(probe):
-            raise TypeError(
-                f"probe must be a HeadProbe, a model or a callable; got {type(probe).__name__}"
-            )
         if sampler is not None and not isinstance(sampler, AdaptiveBatchSampler):
             raise TypeError(
                 f"sampler must be an AdaptiveBatchSampler; got {type(sampler).__name__}"
             )
         if policy is None and sampler is not None:
             policy = sampler.policy
+        if getattr(policy, "per_layer", None) is not None:
+            raise TypeError(
+                "this policy selects a subset per layer, which filtering a batch cannot express: "
+                "use adaptive_batch.PerLayerBackward in place of loss.backward() instead"
+            )
+        if isinstance(probe, nn.Module):
+            # A rule that needs every parameter's gradients (exact CABS, say) probes the whole model.
+            head = probe if probe_scope_of(policy) == "model" else None
+            probe = HeadProbe(probe, head=head)
+        elif not callable(probe):
+            raise TypeError(
+                f"probe must be a HeadProbe, a model or a callable; got {type(probe).__name__}"
+            )
         self.batches = batches
         self.probe = probe
         self.rule: SelectionRule = selection_rule_of(policy) or KeepAll()

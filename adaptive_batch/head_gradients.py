@@ -19,7 +19,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
+
+from .per_sample import PerSampleGradients
 
 __all__ = [
     "LossFn",
@@ -117,45 +119,7 @@ def functorch_gram(
 ) -> Tensor:
     """``[B, B]`` Gram matrix of per-sample gradients of ``head``'s trainable parameters.
 
-    Per-sample gradients are computed with ``vmap(grad(...))`` over ``functional_call(head, ...)``
-    and flattened to ``[chunk, P]``. When all ``B x P`` numbers fit in ``max_numel`` they are
-    built once; otherwise chunks of at most ``max_numel // 2`` numbers are built and paired block
-    by block (two chunks live at a time), recomputing chunks rather than holding all of them.
+    Per-sample gradients come from ``vmap(grad(...))`` over ``functional_call(head, ...)`` in
+    chunks holding at most ``max_numel`` numbers (see :class:`~adaptive_batch.per_sample.PerSampleGradients`).
     """
-    params = {
-        name: p.detach().to(features.dtype)
-        for name, p in head.named_parameters()
-        if p.requires_grad
-    }
-    if not params:
-        raise ValueError(f"the head {type(head).__name__} has no trainable parameters to probe")
-    per_sample = vmap(grad(_head_sample_loss(head, loss_fn)), in_dims=(None, 0, 0))
-    num_params = sum(p.numel() for p in params.values())
-    batch = features.shape[0]
-
-    def flat(rows: slice) -> Tensor:
-        grads = per_sample(params, features[rows], targets[rows])
-        return torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], dim=1)
-
-    if batch * num_params <= max_numel:
-        g = flat(slice(0, batch))
-        return g @ g.T
-    chunk = max(1, max_numel // (2 * num_params))
-    slices = [slice(i, min(i + chunk, batch)) for i in range(0, batch, chunk)]
-    gram = features.new_empty(batch, batch)
-    for i, rows_i in enumerate(slices):
-        g_i = flat(rows_i)
-        gram[rows_i, rows_i] = g_i @ g_i.T
-        for rows_j in slices[i + 1 :]:
-            block = g_i @ flat(rows_j).T
-            gram[rows_i, rows_j] = block
-            gram[rows_j, rows_i] = block.T
-    return gram
-
-
-def _head_sample_loss(head: nn.Module, loss_fn: LossFn) -> Callable[..., Tensor]:
-    def loss(params: dict[str, Tensor], feature: Tensor, target: Tensor) -> Tensor:
-        output = functional_call(head, params, (feature.unsqueeze(0),))
-        return loss_fn(output, target.unsqueeze(0)).sum()
-
-    return loss
+    return PerSampleGradients(head, loss_fn, max_numel=max_numel).gram(features, targets)

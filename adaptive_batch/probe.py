@@ -165,27 +165,29 @@ class HeadProbe:
         device = self.device
         inputs = _to_device(inputs, device)
         targets = targets.to(device, non_blocking=True)
-        features, outputs = self._forward(inputs, device)
-        batch = features.shape[0]
-        if targets.shape[:1] != (batch,):
-            raise ValueError(
-                f"targets must have {batch} rows to match the batch; got {tuple(targets.shape)}"
-            )
-
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        with torch.autocast(device.type, enabled=False):
-            features, outputs = features.to(dtype), outputs.to(dtype)
-            losses = self._loss_fn()(outputs, targets)
-            if losses.shape != (batch,):
+        # The gradient math runs in the same mode as the forward: the func path re-runs the head.
+        with _model_preserved(self.model, self.mode, device):
+            features, outputs = self._forward(inputs)
+            batch = features.shape[0]
+            if targets.shape[:1] != (batch,):
                 raise ValueError(
-                    f"the loss must return per-sample losses of shape [{batch}]; got {tuple(losses.shape)}"
+                    f"targets must have {batch} rows to match the batch; got {tuple(targets.shape)}"
                 )
-            if self._use_gram(features):
-                gram = self._gram_closed_form(features, outputs, targets)
-            else:
-                gram = functorch_gram(
-                    self.head, features, targets, self._loss_fn(), max_numel=self.max_grad_numel
-                )
+            dtype = torch.promote_types(features.dtype, torch.float32)
+            with torch.autocast(device.type, enabled=False):
+                features, outputs = features.to(dtype), outputs.to(dtype)
+                losses = self._loss_fn()(outputs, targets)
+                if losses.shape != (batch,):
+                    raise ValueError(
+                        f"the loss must return per-sample losses of shape [{batch}]; "
+                        f"got {tuple(losses.shape)}"
+                    )
+                if self._use_gram(features):
+                    gram = self._gram_closed_form(features, outputs, targets)
+                else:
+                    gram = functorch_gram(
+                        self.head, features, targets, self._loss_fn(), max_numel=self.max_grad_numel
+                    )
         return ProbeResult(
             losses=losses.detach(), gram=gram.detach(), features=features, logits=outputs
         )
@@ -211,7 +213,7 @@ class HeadProbe:
             bias_term=head.bias is not None and head.bias.requires_grad,
         )
 
-    def _forward(self, inputs: Any, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _forward(self, inputs: Any) -> tuple[Tensor, Tensor]:
         captured: list[tuple[Tensor, Tensor]] = []
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
@@ -219,7 +221,7 @@ class HeadProbe:
 
         handle = self.head.register_forward_hook(hook)
         try:
-            with _model_preserved(self.model, self.mode, device), torch.no_grad():
+            with torch.no_grad():
                 model_output = _call(self.model, inputs)
         finally:
             handle.remove()

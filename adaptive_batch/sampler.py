@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from .feedback import Feedback
+from .feedback import Feedback, Progress
 from .policies.base import SizingRule, sizing_rule_of
 
 __all__ = ["AdaptiveBatchSampler", "fold_tail"]
@@ -130,8 +130,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.max_in_flight = max_in_flight
 
-        self._initial_batch_size = batch_size
         self._batch_size = batch_size
+        self.requested_batch_size: float = float(batch_size)  # the sizing rule's unclamped answer
         self._epoch = 0
         self._position = 0  # indices yielded in the current epoch
         self._resume = False  # the next iter() continues from _position (after load_state_dict)
@@ -139,7 +139,9 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.times_kept = torch.zeros(num_samples, dtype=torch.int32)
         self.times_dropped = torch.zeros(num_samples, dtype=torch.int32)
         self.num_feedback = 0
+        self.num_samples_fed_back = 0
         self.num_dropped_tails = 0
+        self.last_feedback: Feedback | None = None
 
     @staticmethod
     def _check_indices(indices: Sequence[int] | Tensor | None, num_samples: int) -> Tensor:
@@ -268,13 +270,20 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.times_kept[kept] += 1
         self.times_dropped[dropped] += 1
         self.num_feedback += 1
+        self.num_samples_fed_back += candidates.numel()
+        self.last_feedback = feedback
         if self.sizing is not None:
-            self._batch_size = self._clamp(self.sizing.next_batch_size(self._batch_size, feedback))
+            progress = Progress(self.num_feedback, self.num_samples_fed_back, self.indices.numel())
+            requested = float(self.sizing.next_batch_size(self._batch_size, feedback, progress))
+            if not math.isnan(requested):  # a rule's NaN never changes the size
+                self.requested_batch_size = requested
+                self._batch_size = self._clamp(requested)
 
-    def _clamp(self, size: Any) -> int:
-        size = float(size)
-        if not math.isfinite(size):
-            return self._batch_size  # a rule's NaN or inf never changes the size
+    def _clamp(self, size: float) -> int:
+        if size == math.inf:
+            return self.max_batch_size
+        if size == -math.inf:
+            return self.min_batch_size
         return int(min(max(round(size), self.min_batch_size), self.max_batch_size))
 
     # -- checkpointing ----------------------------------------------------------------------
@@ -302,10 +311,12 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             "epoch": self._epoch,
             "position": self._position,
             "batch_size": self._batch_size,
+            "requested_batch_size": self.requested_batch_size,
             "sizing": self.sizing.state_dict() if self.sizing is not None else None,
             "times_kept": self.times_kept.clone(),
             "times_dropped": self.times_dropped.clone(),
             "num_feedback": self.num_feedback,
+            "num_samples_fed_back": self.num_samples_fed_back,
             "num_dropped_tails": self.num_dropped_tails,
         }
 
@@ -329,9 +340,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self._epoch = state["epoch"]
         self._position = state["position"]
         self._batch_size = state["batch_size"]
+        self.requested_batch_size = state["requested_batch_size"]
         self.times_kept = state["times_kept"].clone()
         self.times_dropped = state["times_dropped"].clone()
         self.num_feedback = state["num_feedback"]
+        self.num_samples_fed_back = state["num_samples_fed_back"]
         self.num_dropped_tails = state["num_dropped_tails"]
         self._in_flight.clear()
         self._resume = True

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
+from tqdm import tqdm
 
 from adaptive_batch.bench.probe_cost import measure_probe_cost
 from adaptive_batch.cli import main
-from adaptive_batch.demo import run_demo
+from adaptive_batch.demo import load_digits_split, run_demo, train_run
+from adaptive_batch.recipes import POLICY_NAMES
 
 
 def test_demo_writes_table_plot_and_results(tmp_path, capsys):
@@ -39,6 +42,8 @@ def test_demo_is_reproducible(tmp_path):
         ["demo", "--epochs", "0"],
         ["demo", "--policy", "magic"],
         ["bench", "probe", "--shape", "10,20"],
+        ["bench", "policies", "--policies", "edba,magic"],
+        ["bench", "policies", "--seeds", "a,b"],
         [],
     ],
 )
@@ -65,3 +70,25 @@ def test_probe_cost_paths_agree_and_chunking_is_counted():
     cost = measure_probe_cost(24, 6, 4, repeats=1, max_grad_numel=100)
     assert cost.max_abs_diff < 1e-5
     assert cost.func_chunks == 24  # 28 parameters, 100 numbers: one sample per chunk
+
+
+@pytest.mark.parametrize("policy", POLICY_NAMES)
+def test_every_policy_trains_in_the_demo_loop(policy):
+    train, test, allowed = load_digits_split(seed=0, data_fraction=0.15)
+    with tqdm(total=1, disable=True) as progress:
+        result = train_run(policy, train, test, allowed, seed=0, epochs=1, progress=progress)
+    assert result.steps >= 1 and result.samples_probed == len(allowed)
+    assert 1 <= result.samples_trained <= result.samples_probed
+    assert 0.0 <= result.test_accuracy <= 1.0 and all(map(math.isfinite, result.losses))
+
+
+def test_bench_policies_is_resumable_and_prints_mean_and_spread(tmp_path, capsys):
+    argv = ["bench", "policies", "--policies", "fixed,edba", "--seeds", "0,1", "--epochs", "1"]
+    assert main([*argv, "--data-fraction", "0.2", "--out", str(tmp_path), "--no-progress"]) == 0
+    first = (tmp_path / "policies.csv").read_text()
+    assert main([*argv, "--data-fraction", "0.2", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "policies.csv").read_text() == first  # nothing run twice
+    assert len(first.strip().splitlines()) == 1 + 4
+    out = capsys.readouterr().out
+    assert "| edba | 2 |" in out and "±" in out
+    assert (tmp_path / "policies.md").read_text().count("\n| ") == 3

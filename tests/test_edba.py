@@ -9,7 +9,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_batch import Feedback, ProbeResult, Reason
+from adaptive_batch import Feedback, ProbeResult, Progress, Reason
 from adaptive_batch.policies import EDBA, EDBASelection, EDBASizing
 from adaptive_batch.policies.subsets import random_subset_masks
 
@@ -153,6 +153,9 @@ def test_subset_masks_respect_size_bounds():
     assert len(set(sizes.tolist())) > 30  # sizes spread over the range
 
 
+PROGRESS = Progress(updates=1, samples=5, epoch_size=100)
+
+
 def feedback(reason=Reason.SELECTED, **stats) -> Feedback:
     return Feedback(torch.arange(3), torch.arange(3, 5), reason, stats)
 
@@ -163,14 +166,14 @@ def feedback(reason=Reason.SELECTED, **stats) -> Feedback:
 def test_sizing_follows_where_the_margin_zero_lies(target, expected):
     rule = EDBASizing(factor=1.1)
     fb = feedback(target_grad_norm=target, min_grad_norm=1.0, max_grad_norm=2.0)
-    assert rule.next_batch_size(100, fb) == expected
+    assert rule.next_batch_size(100, fb, PROGRESS) == expected
 
 
 def test_sizing_ignores_batches_that_were_not_selected():
     rule = EDBASizing()
     fb = feedback(Reason.WARMUP, target_grad_norm=0.0, min_grad_norm=1.0, max_grad_norm=2.0)
-    assert rule.next_batch_size(64, fb) == 64
-    assert rule.next_batch_size(64, feedback()) == 64
+    assert rule.next_batch_size(64, fb, PROGRESS) == 64
+    assert rule.next_batch_size(64, feedback(), PROGRESS) == 64
 
 
 def test_bad_parameters_are_refused():

@@ -22,7 +22,7 @@ class ScriptedSizes:
         self.sizes = sizes
         self.calls = 0
 
-    def next_batch_size(self, batch_size: int, feedback: Feedback) -> Any:
+    def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Any) -> Any:
         size = self.sizes[self.calls % len(self.sizes)]
         self.calls += 1
         return size
@@ -119,11 +119,27 @@ def test_nothing_outside_the_index_set_and_len_is_honest(config, sizes, drop_las
 
 
 def test_sizes_follow_the_rule_clamped_to_the_caps():
-    rule = ScriptedSizes([7, 100, 3, 20, math.nan, 12.6, 2.0])
+    rule = ScriptedSizes([7, 100, 3, 20, math.nan, 12.6, 2.0, math.inf, -math.inf])
     sampler = AdaptiveBatchSampler(
         1000, policy=rule, batch_size=10, min_batch_size=5, max_batch_size=50
     )
-    assert [len(b) for b in run(sampler, 8)] == [10, 7, 50, 5, 20, 20, 13, 5]
+    assert [len(b) for b in run(sampler, 10)] == [10, 7, 50, 5, 20, 20, 13, 5, 50, 5]
+    assert sampler.requested_batch_size == 7.0  # the rule's 10th answer (its list wrapped)
+
+
+def test_sizing_rules_see_progress():
+    seen = []
+
+    class Recorder(ScriptedSizes):
+        def next_batch_size(self, batch_size, feedback, progress):
+            seen.append((progress.updates, progress.samples, progress.completed_epochs))
+            return batch_size
+
+    sampler = AdaptiveBatchSampler(
+        30, policy=Recorder([0]), batch_size=10, min_batch_size=5, indices=range(25)
+    )
+    run(sampler, 4)
+    assert seen == [(1, 10, 0), (2, 20, 0), (3, 25, 1), (4, 35, 1)]  # epochs of 10, 10, 5
 
 
 @given(stop=st.integers(1, 30), seed=st.integers(0, 100))

@@ -3,17 +3,44 @@
 Every name here is a plain object over tensors and numbers. See ``docs/policies.md``.
 """
 
-from .base import KeepAll, Policy, SelectionRule, SizingRule, selection_rule_of, sizing_rule_of
+from .arbiter import Arbiter
+from .base import (
+    KeepAll,
+    Policy,
+    SelectionRule,
+    SizingRule,
+    probe_scope_of,
+    selection_rule_of,
+    sizing_rule_of,
+)
+from .cabs import CABS
+from .constant import Constant
+from .damp import AdaDamp, GeoDamp, PadaDamp
+from .dba import DBA, DBASelection, DBASizing
 from .edba import EDBA, EDBASelection, EDBASizing
+from .gns import GradientNoiseScale
+from .selective_backprop import SelectiveBackprop
 
 __all__ = [
+    "CABS",
+    "DBA",
     "EDBA",
+    "AdaDamp",
+    "Arbiter",
+    "Constant",
+    "DBASelection",
+    "DBASizing",
     "EDBASelection",
     "EDBASizing",
+    "GeoDamp",
+    "GradientNoiseScale",
     "KeepAll",
+    "PadaDamp",
     "Policy",
     "SelectionRule",
+    "SelectiveBackprop",
     "SizingRule",
+    "probe_scope_of",
     "selection_rule_of",
     "sizing_rule_of",
 ]

@@ -3,7 +3,9 @@
 A *selection rule* maps a :class:`~adaptive_batch.ProbeResult` to a
 :class:`~adaptive_batch.Selection` (the SubsetFilter calls it on every candidate batch). A *sizing
 rule* maps the current batch size and a :class:`~adaptive_batch.Feedback` to the next batch size
-(the AdaptiveBatchSampler calls it and clamps the answer to its caps). Rules are plain objects over
+(the AdaptiveBatchSampler calls it with a :class:`~adaptive_batch.Progress` and clamps the answer
+to its caps; the unclamped answer stays visible as ``sampler.requested_batch_size``, which the
+learning-rate coupling reads). Rules are plain objects over
 tensors and numbers: they import neither the model nor ``torch.utils.data``. Each keeps its state
 in ``state_dict()`` so that a checkpoint restores it.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from ..feedback import Feedback, Reason, Selection
+from ..feedback import Feedback, Progress, Reason, Selection
 from ..probe_result import ProbeResult
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     "SelectionRule",
     "SizingRule",
     "Stateless",
+    "probe_scope_of",
     "selection_rule_of",
     "sizing_rule_of",
 ]
@@ -38,7 +41,7 @@ class SelectionRule(Protocol):
 
 @runtime_checkable
 class SizingRule(Protocol):
-    def next_batch_size(self, batch_size: int, feedback: Feedback) -> int: ...
+    def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Progress) -> float: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -107,3 +110,10 @@ def selection_rule_of(policy: Any) -> SelectionRule | None:
 def sizing_rule_of(policy: Any) -> SizingRule | None:
     """The sizing half of ``policy`` (a Policy or a bare rule), or ``None``."""
     return _rule_of(policy, "sizing", SizingRule)
+
+
+def probe_scope_of(policy: Any) -> str:
+    """``"model"`` when a rule of ``policy`` needs every parameter's per-sample gradients
+    (its ``probe_scope`` attribute says so), else ``"head"``."""
+    rules = [policy.selection, policy.sizing] if isinstance(policy, Policy) else [policy]
+    return "model" if any(getattr(r, "probe_scope", "head") == "model" for r in rules) else "head"

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..feedback import Feedback, Reason, Selection
+from ..feedback import Feedback, Progress, Reason, Selection
 from ..probe_result import ProbeResult
 from .base import Policy, Stateless
 from .subsets import random_subset_masks
@@ -197,7 +197,7 @@ class EDBASizing(Stateless):
             raise ValueError(f"factor must exceed 1; got {factor}")
         self.factor = factor
 
-    def next_batch_size(self, batch_size: int, feedback: Feedback) -> int:
+    def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Progress) -> int:
         stats = feedback.stats
         if feedback.reason != Reason.SELECTED or "target_grad_norm" not in stats:
             return batch_size

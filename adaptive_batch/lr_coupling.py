@@ -1,0 +1,88 @@
+"""BatchSizeLR: a learning-rate scheduler that follows the sampler's batch size."""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from .sampler import AdaptiveBatchSampler
+
+__all__ = ["BatchSizeLR"]
+
+RULES = ("linear", "sqrt", "adascale", "damp")
+
+
+class BatchSizeLR(LRScheduler):
+    """Scales each parameter group's base learning rate by a factor of the current batch size.
+
+    Call ``scheduler.step()`` after ``optimizer.step()``, as with any scheduler; the optimizer
+    itself is untouched. With ``scale = B / B_0`` (``B`` the sampler's current size, ``B_0`` its
+    size when the scheduler was built, or ``base_batch_size``):
+
+    * ``"linear"``: ``scale`` (the linear scaling rule);
+    * ``"sqrt"``: ``sqrt(scale)``;
+    * ``"adascale"``: AdaScale's gain ``(var + sqr) / (var / scale + sqr)`` from the noise
+      estimates of a :class:`~adaptive_batch.policies.GradientNoiseScale` sizing rule (AdaptDL);
+      ``scale`` while no estimate exists or the gradient is all noise;
+    * ``"damp"``: ``min(1, B / requested)``: when a sizing rule asks for more than the sampler's
+      largest batch, the learning rate drops instead (AdaDamp / PadaDamp / GeoDamp:
+      ``lr = lr_0 * B_max / B``).
+
+    With DataLoader workers the sampler's current size belongs to a batch a few steps ahead (see
+    docs/concepts.md); with ``num_workers=0`` it is the next batch's.
+
+    Example:
+        >>> import torch
+        >>> from adaptive_batch import AdaptiveBatchSampler
+        >>> model = torch.nn.Linear(2, 2)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> sampler = AdaptiveBatchSampler(1000, batch_size=100)
+        >>> scheduler = BatchSizeLR(optimizer, sampler, "linear")
+        >>> sampler._batch_size = 200  # as a sizing rule would
+        >>> optimizer.step()
+        >>> scheduler.step()
+        >>> optimizer.param_groups[0]["lr"]
+        0.2
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        sampler: AdaptiveBatchSampler,
+        rule: str = "linear",
+        *,
+        base_batch_size: int | None = None,
+        last_epoch: int = -1,
+    ) -> None:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}; got {rule!r}")
+        if rule == "adascale" and not hasattr(sampler.sizing, "estimates"):
+            raise ValueError(
+                "rule='adascale' needs a sampler whose sizing rule is a GradientNoiseScale"
+            )
+        self.sampler = sampler
+        self.rule = rule
+        self.base_batch_size = base_batch_size or sampler.batch_size
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self) -> float:
+        size = self.sampler.batch_size
+        scale = size / self.base_batch_size
+        if self.rule == "linear":
+            return scale
+        if self.rule == "sqrt":
+            return math.sqrt(scale)
+        if self.rule == "damp":
+            requested = self.sampler.requested_batch_size
+            return min(1.0, size / requested) if requested > 0 else 1.0
+        estimates = self.sampler.sizing.estimates()  # type: ignore[union-attr]
+        if estimates is None or estimates[1] <= 0:
+            return scale
+        var, sqr = max(estimates[0], 0.0), estimates[1]
+        return (var + sqr) / (var / scale + sqr)
+
+    def get_lr(self) -> list[float]:
+        factor = self.factor()
+        return [base * factor for base in self.base_lrs]
