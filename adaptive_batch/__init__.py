@@ -7,6 +7,7 @@ The parts, wired as in a training loop::
              +---------- Feedback (statistics, dataset indices) --+   (HeadProbe scores each batch)
 """
 
+from .buckets import SizeBuckets
 from .feedback import Feedback, Progress, Reason, Selection
 from .filter import SubsetFilter
 from .indexed import IndexedDataset, IndexedSample, fetch_batch
@@ -30,6 +31,7 @@ __all__ = [
     "Progress",
     "Reason",
     "Selection",
+    "SizeBuckets",
     "SubsetFilter",
     "__version__",
     "fetch_batch",

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["get_field", "take"]
+__all__ = ["concat", "get_field", "take"]
 
 
 def get_field(batch: Any, key: int | str) -> Any:
@@ -70,3 +70,40 @@ def take(batch: Any, positions: Tensor, batch_size: int) -> Any:
         return value
 
     return visit(batch)
+
+
+def concat(parts: list[Any], lengths: list[int]) -> Any:
+    """Join collated batches of ``lengths`` samples into one, in the structure of the first.
+
+    Per-sample fields (the same rule as :func:`take`) are concatenated; anything else is taken
+    from the first part.
+
+    Example:
+        >>> import torch
+        >>> a = {"x": torch.zeros(2, 3), "name": ["a", "b"], "lr": 0.1}
+        >>> b = {"x": torch.ones(1, 3), "name": ["c"], "lr": 0.1}
+        >>> joined = concat([a, b], [2, 1])
+        >>> joined["x"].shape, joined["name"], joined["lr"]
+        (torch.Size([3, 3]), ['a', 'b', 'c'], 0.1)
+    """
+    first = parts[0]
+    if isinstance(first, Tensor):
+        per_sample = all(
+            isinstance(p, Tensor) and p.dim() >= 1 and p.shape[0] == n
+            for p, n in zip(parts, lengths, strict=True)
+        )
+        return torch.cat(parts) if per_sample else first
+    if isinstance(first, Mapping):
+        items = {k: concat([p[k] for p in parts], lengths) for k in first}
+        try:
+            return type(first)(items)
+        except TypeError:
+            return items
+    if isinstance(first, tuple) and hasattr(first, "_fields"):
+        return type(first)(*(concat(list(column), lengths) for column in zip(*parts, strict=True)))
+    if isinstance(first, list | tuple):
+        if any(_is_container(v) for v in first):
+            return type(first)(concat(list(column), lengths) for column in zip(*parts, strict=True))
+        if all(len(p) == n for p, n in zip(parts, lengths, strict=True)):
+            return type(first)(v for p in parts for v in p)
+    return first

@@ -88,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=2**26,
         help="torch.func path memory bound (numbers)",
     )
+    lag = parts.add_parser(
+        "lag", help="feedback lag with DataLoader workers, sized when handed out vs where consumed"
+    )
+    lag.add_argument(
+        "--workers", type=_ints, default=(0, 2, 4), help="num_workers values (default 0,2,4)"
+    )
+    lag.add_argument(
+        "--prefetch-factor", type=_positive, default=2, help="DataLoader prefetch_factor"
+    )
+
     policies = parts.add_parser(
         "policies", help="every policy on digits over several seeds (resumable)"
     )
@@ -156,6 +166,15 @@ def main(argv: list[str] | None = None) -> int:
             for shape in args.shape or DEFAULT_SHAPES
         ]
         print(format_probe_cost(costs, args.device, torch.get_num_threads()))
+    elif args.command == "bench" and args.part == "lag":
+        from .bench.lag import format_lag, measure_lag
+
+        results = [
+            measure_lag(w, chunk_size=chunk, prefetch_factor=args.prefetch_factor)
+            for chunk in (None, 8)
+            for w in args.workers
+        ]
+        print(format_lag(results))
     elif args.command == "bench" and args.part == "policies":
         from pathlib import Path
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .batch_structure import get_field, take
+from .batch_structure import concat, get_field, take
+from .buckets import SizeBuckets
 from .feedback import Feedback, Selection
 from .indexed import IndexedSample
 from .policies.base import KeepAll, SelectionRule, probe_scope_of, selection_rule_of
@@ -44,6 +45,11 @@ class SubsetFilter:
             come from an :class:`~adaptive_batch.IndexedDataset` so each carries its indices.
         inputs, targets: where the model's inputs and the targets are in each batch (a position
             or a key). Default ``0`` and ``1``, as in ``for x, y in loader``.
+        buckets: keep only batch sizes among these (a :class:`~adaptive_batch.SizeBuckets`, an int
+            for its multiples, or a list), so a ``torch.compile``'d step sees few shapes. A kept
+            subset of another size is trimmed to the largest allowed size by dropping its last
+            kept positions (batches arrive in random order), or, below the smallest allowed size,
+            topped up from the dropped samples in order; ``stats["bucket_change"]`` records it.
 
     Example:
         >>> import torch
@@ -69,6 +75,7 @@ class SubsetFilter:
         sampler: AdaptiveBatchSampler | None = None,
         inputs: int | str = 0,
         targets: int | str = 1,
+        buckets: SizeBuckets | int | Sequence[int] | None = None,
     ) -> None:
         if sampler is not None and not isinstance(sampler, AdaptiveBatchSampler):
             raise TypeError(
@@ -95,6 +102,11 @@ class SubsetFilter:
         self.sampler = sampler
         self.inputs = inputs
         self.targets = targets
+        if isinstance(buckets, int):
+            buckets = SizeBuckets(multiple=buckets)
+        elif buckets is not None and not isinstance(buckets, SizeBuckets):
+            buckets = SizeBuckets(sizes=buckets)
+        self.buckets: SizeBuckets | None = buckets
         self.reasons: Counter[str] = Counter()
         self.num_candidates = 0
         self.num_kept = 0
@@ -104,14 +116,51 @@ class SubsetFilter:
     def num_batches(self) -> int:
         return sum(self.reasons.values())
 
+    @property
+    def assembles_chunks(self) -> bool:
+        """Whether batches are assembled here from a chunked sampler's chunks."""
+        return self.sampler is not None and self.sampler.chunk_size is not None
+
     def __iter__(self) -> Iterator[Any]:
         if self.batches is None:
             raise TypeError("this SubsetFilter has no source of batches; call filter_batch(batch)")
-        for batch in self.batches:
+        if not self.assembles_chunks:
+            for batch in self.batches:
+                yield self.filter_batch(batch)
+            return
+        chunks = iter(self.batches)
+        while (batch := self.assemble(chunks)) is not None:
             yield self.filter_batch(batch)
 
+    def assemble(self, chunks: Iterator[Any]) -> Any:
+        """Chunk mode: join as many chunks as the sampler plans for the next batch (``None`` when
+        the pass is over). A source that ends early yields what it gave: nothing is dropped."""
+        assert self.sampler is not None
+        wanted = self.sampler.plan_batch()
+        parts: list[IndexedSample] = []
+        count = 0
+        while count < wanted:
+            try:
+                chunk = next(chunks)
+            except StopIteration:
+                break
+            if not isinstance(chunk, IndexedSample):
+                raise ValueError(
+                    "chunks must carry their dataset indices: wrap the dataset as IndexedDataset(dataset)"
+                )
+            parts.append(chunk)
+            count += torch.as_tensor(chunk.index).numel()
+        if not parts:
+            return None
+        lengths = [torch.as_tensor(p.index).numel() for p in parts]
+        index = torch.cat([torch.as_tensor(p.index).flatten() for p in parts])
+        return IndexedSample(index, concat([p.sample for p in parts], lengths))
+
     def __len__(self) -> int:
-        """The source's length: filtering never removes a whole batch."""
+        """The source's length: filtering never removes a whole batch. Unknown (``TypeError``)
+        when batches are assembled from chunks."""
+        if self.assembles_chunks:
+            raise TypeError("batches assembled from chunks have no length known in advance")
         return len(self.batches)  # type: ignore[arg-type]
 
     def filter_batch(self, batch: Any) -> Any:
@@ -126,6 +175,8 @@ class SubsetFilter:
             )
         result = self.probe(get_field(batch, self.inputs), get_field(batch, self.targets))
         selection = self.rule.select(result)
+        if self.buckets is not None:
+            selection = self._fit_buckets(selection)
         if selection.batch_size != result.batch_size:
             raise ValueError(
                 f"{type(self.rule).__name__} selected from {selection.batch_size} samples; the batch has {result.batch_size}"
@@ -144,6 +195,21 @@ class SubsetFilter:
         if selection.kept.numel() == selection.batch_size:
             return batch
         return take(batch, selection.kept, selection.batch_size)
+
+    def _fit_buckets(self, selection: Selection) -> Selection:
+        assert self.buckets is not None
+        count, size = selection.kept.numel(), selection.batch_size
+        if self.buckets.contains(count) or count == size:
+            return selection
+        target = self.buckets.floor(count)
+        if target > size:  # even the smallest allowed size exceeds the batch: keep it whole
+            target = size
+        if target <= count:
+            kept = selection.kept[:target]
+        else:
+            kept = torch.cat([selection.kept, selection.dropped[: target - count]]).sort().values
+        stats = {**selection.stats, "bucket_change": float(target - count)}
+        return Selection(kept, size, selection.reason, stats)
 
     @staticmethod
     def _feedback(result: ProbeResult, selection: Selection, indices: Tensor | None) -> Feedback:
@@ -174,15 +240,27 @@ class SubsetFilter:
     # -- checkpointing ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The selection rule's state and the counters (not the source's position)."""
-        return {
+        """The selection rule's state and the counters (not the source's position); with a
+        chunked sampler also the sampler's sizing side, as of the last batch consumed."""
+        state = {
             "rule": self.rule.state_dict(),
             "reasons": dict(self.reasons),
             "num_candidates": self.num_candidates,
             "num_kept": self.num_kept,
         }
+        if self.assembles_chunks:
+            assert self.sampler is not None
+            state["sampler"] = self.sampler.consumer_state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.assembles_chunks:
+            assert self.sampler is not None
+            if "sampler" not in state:
+                raise ValueError(
+                    "the state_dict has no sampler state; it comes from a filter without a chunked sampler"
+                )
+            self.sampler.load_consumer_state_dict(state["sampler"])
         self.rule.load_state_dict(state["rule"])
         self.reasons = Counter(state["reasons"])
         self.num_candidates = state["num_candidates"]

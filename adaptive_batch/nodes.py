@@ -14,9 +14,11 @@ __all__ = ["SubsetFilterNode"]
 class SubsetFilterNode(BaseNode[Any]):
     """Keeps the best subset of each batch from ``source``; resumable through ``Loader.state_dict()``.
 
-    Takes the keyword arguments of :class:`~adaptive_batch.SubsetFilter`. Its state is the
-    source's state and the filter's (selection rule and counters); ``reset()`` without a state
-    starts a new pass of the source but keeps the rule's running statistics, which span epochs.
+    Takes the keyword arguments of :class:`~adaptive_batch.SubsetFilter`; with a chunked sampler
+    it assembles each batch from the source's chunks. Its state is the source's state and the
+    filter's (selection rule, counters and, with chunks, the sampler's sizing side); ``reset()``
+    without a state starts a new pass of the source but keeps the rules' running statistics,
+    which span epochs.
 
     Example:
         >>> import torch
@@ -51,11 +53,18 @@ class SubsetFilterNode(BaseNode[Any]):
         if initial_state is None:
             self.source.reset()
         else:
-            self.source.reset(initial_state[self.SOURCE_KEY])
+            # The filter first: with a chunked sampler it restores the sampler's sizing side,
+            # and the source's reset then starts the sampler's pass from the restored position.
             self.filter.load_state_dict(initial_state[self.FILTER_KEY])
+            self.source.reset(initial_state[self.SOURCE_KEY])
 
     def next(self) -> Any:
-        return self.filter.filter_batch(next(self.source))
+        if not self.filter.assembles_chunks:
+            return self.filter.filter_batch(next(self.source))
+        batch = self.filter.assemble(self.source)
+        if batch is None:
+            raise StopIteration
+        return self.filter.filter_batch(batch)
 
     def get_state(self) -> dict[str, Any]:
         return {

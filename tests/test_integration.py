@@ -18,12 +18,7 @@ from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter, f
 from adaptive_batch.nodes import SubsetFilterNode
 from adaptive_batch.policies import EDBA
 
-
-def blobs(num: int = 240, classes: int = 3, seed: int = 0) -> TensorDataset:
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num) % classes
-    centres = torch.randn(classes, 8, generator=gen) * 2.5
-    return TensorDataset(centres[labels] + torch.randn(num, 8, generator=gen), labels)
+from .synthetic import blobs
 
 
 def mlp() -> nn.Module:
@@ -36,7 +31,7 @@ def full_loss(model: nn.Module, data: TensorDataset) -> float:
 
 
 def test_dataloader_with_workers_trains_and_feedback_reaches_the_right_indices():
-    data = blobs()
+    data = blobs(240, spread=2.5)
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train_idx = torch.arange(0, 240, 2)  # only even indices may ever be used
@@ -109,7 +104,7 @@ TOTAL_STEPS = 40
 
 @pytest.fixture(scope="module")
 def uninterrupted_run():
-    data = IndexedDataset(blobs(90))
+    data = IndexedDataset(blobs(90, spread=2.5))
     model, optimizer, loader, node = build_pipeline(data)
     log: list = []
     train_steps(model, optimizer, loader, node, iter(loader), TOTAL_STEPS, log)

@@ -1,0 +1,92 @@
+"""Functions run in processes spawned by test_distributed.py (importable by the children)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter
+from adaptive_batch.policies import EDBA
+
+from .synthetic import blobs
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+
+
+def _data(num: int = 240) -> IndexedDataset:
+    return IndexedDataset(blobs(num))
+
+
+def gradient_weighting(rank: int, world: int, port: int, results) -> None:
+    """Each step: DDP's gradient must equal the mean over ranks of each rank's mean gradient over
+    its own kept samples, whatever the ranks' kept counts."""
+    try:
+        _init(rank, world, port)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        ddp = DistributedDataParallel(model)
+        data = _data()
+        sampler = AdaptiveBatchSampler(
+            data, policy=EDBA(seed=0), batch_size=24, min_batch_size=6, max_batch_size=48
+        )
+        batches = SubsetFilter(DataLoader(data, batch_sampler=sampler), model, sampler=sampler)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        worst, kept_counts = 0.0, []
+        for step, (x, y) in enumerate(batches):
+            local = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+            expected = [g.clone() for g in local]
+            for g in expected:
+                dist.all_reduce(g)
+                g /= world
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            worst = max(
+                worst,
+                max(
+                    float((p.grad - e).abs().max())
+                    for p, e in zip(model.parameters(), expected, strict=True)
+                ),
+            )
+            optimizer.step()
+            counts = [None] * world
+            dist.all_gather_object(counts, len(y))
+            kept_counts.append(counts)
+            if step == 12:
+                break
+        results.put((rank, "ok", {"worst": worst, "kept_counts": kept_counts}))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def mismatched_config(rank: int, world: int, port: int, results) -> None:
+    """Rank 1 uses another seed: both ranks must raise, not hang."""
+    try:
+        _init(rank, world, port)
+        sampler = AdaptiveBatchSampler(
+            _data(), policy=EDBA(), batch_size=24, min_batch_size=6, seed=rank
+        )
+        next(iter(sampler))
+        results.put((rank, "ok", None))
+    except ValueError as error:
+        results.put((rank, "value-error", str(error)))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
