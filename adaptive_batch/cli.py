@@ -1,14 +1,12 @@
-"""The ``adaptive-batch`` command."""
+"""The ``adaptive-batch`` command: ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-import torch
-
-from .demo import fixed_batch_size
 from .recipes import POLICY_NAMES
+from .runner import fixed_batch_size
 
 
 def _fraction(text: str) -> float:
@@ -35,95 +33,11 @@ def _shape(text: str) -> tuple[int, int, int]:
     return batch, features, classes
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="adaptive-batch", description="Adaptive batch size and composition for PyTorch."
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo", help="fixed batches vs an adaptive policy on scikit-learn's digits"
-    )
-    demo.add_argument(
-        "--seed", type=int, default=0, help="seed of the split, model and sampling (default 0)"
-    )
-    demo.add_argument(
-        "--data-fraction",
-        type=_fraction,
-        default=1.0,
-        help="fraction of the training split to use (default 1)",
-    )
-    demo.add_argument("--epochs", type=_positive, default=30, help="epochs per run (default 30)")
-    demo.add_argument(
-        "--out",
-        default="demo-output",
-        help="folder for demo.png and results.json (default demo-output)",
-    )
-    demo.add_argument(
-        "--policy", default="edba", choices=POLICY_NAMES, help="the adaptive policy (default edba)"
-    )
-    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-    bench = commands.add_parser("bench", help="measure costs, printed side by side")
-    parts = bench.add_subparsers(dest="part", required=True)
-    probe = parts.add_parser(
-        "probe", help="probe math: closed-form Gram vs torch.func, per (B, D, C)"
-    )
-    probe.add_argument(
-        "--shape",
-        type=_shape,
-        action="append",
-        help="B,D,C (repeatable; default the three reference shapes)",
-    )
-    probe.add_argument(
-        "--device",
-        default="cuda" if torch.cuda.is_available() else "cpu",
-        help="default: cuda when present",
-    )
-    probe.add_argument(
-        "--repeats", type=_positive, default=5, help="timed repeats per figure (median reported)"
-    )
-    probe.add_argument(
-        "--max-grad-numel",
-        type=_positive,
-        default=2**26,
-        help="torch.func path memory bound (numbers)",
-    )
-    lag = parts.add_parser(
-        "lag", help="feedback lag with DataLoader workers, sized when handed out vs where consumed"
-    )
-    lag.add_argument(
-        "--workers", type=_ints, default=(0, 2, 4), help="num_workers values (default 0,2,4)"
-    )
-    lag.add_argument(
-        "--prefetch-factor", type=_positive, default=2, help="DataLoader prefetch_factor"
-    )
-
-    policies = parts.add_parser(
-        "policies", help="every policy on digits over several seeds (resumable)"
-    )
-    policies.add_argument(
-        "--policies",
-        type=_names,
-        default=("fixed", *POLICY_NAMES),
-        help="comma-separated names: fixed (batch 100), fixed-<size>, or a policy (default: fixed and every policy)",
-    )
-    policies.add_argument(
-        "--seeds", type=_ints, default=(0, 1, 2), help="comma-separated seeds (default 0,1,2)"
-    )
-    policies.add_argument(
-        "--epochs", type=_positive, default=30, help="epochs per run (default 30)"
-    )
-    policies.add_argument(
-        "--data-fraction",
-        type=_fraction,
-        default=1.0,
-        help="fraction of the training split (default 1)",
-    )
-    policies.add_argument(
-        "--out", default="bench-output", help="folder for policies.csv and policies.md"
-    )
-    policies.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    return parser
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text}") from None
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -136,11 +50,127 @@ def _names(text: str) -> tuple[str, ...]:
     return names
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text}") from None
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adaptive-batch", description="Adaptive batch size and composition for PyTorch."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="fixed batches vs an adaptive policy on scikit-learn's digits"
+    )
+    demo.add_argument(
+        "--seed", type=int, default=0, help="seed of the split, model and sampling (default 0)"
+    )
+    demo.add_argument(
+        "--data-fraction",
+        type=_fraction,
+        default=1.0,
+        help="fraction of the training split (default 1)",
+    )
+    demo.add_argument("--epochs", type=_positive, default=30, help="epochs per run (default 30)")
+    demo.add_argument(
+        "--out",
+        default="demo-output",
+        help="folder for demo.png and results.json (default demo-output)",
+    )
+    demo.add_argument(
+        "--policy", default="edba", choices=POLICY_NAMES, help="the adaptive policy (default edba)"
+    )
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    from .bench.suite import PARTS
+
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks: costs, time to accuracy, data-scarce tables",
+        description=f"Run benchmark parts (default: all of {', '.join(PARTS)}). Results go to --out as CSV, "
+        "markdown and plots; rerunning resumes where a part stopped.",
+    )
+    bench.add_argument(
+        "parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)"
+    )
+    bench.add_argument(
+        "--quick", action="store_true", help="tiny settings, under a minute: a smoke test"
+    )
+    bench.add_argument(
+        "--out", default="bench-output", help="results folder (default bench-output)"
+    )
+    bench.add_argument(
+        "--data", default=None, help="CIFAR-10: the cifar10-jpg.tar.gz archive or its folder"
+    )
+    bench.add_argument(
+        "--cache", default=None, help="decoded CIFAR-10 cache folder (default OUT/cache)"
+    )
+    bench.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    bench.add_argument(
+        "--seeds", type=_ints, default=None, help="comma-separated seeds (default 0,1,2; quick: 0)"
+    )
+    bench.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group = bench.add_argument_group("probe")
+    group.add_argument(
+        "--shape",
+        type=_shape,
+        action="append",
+        help="B,D,C (repeatable; default the three reference shapes)",
+    )
+    group.add_argument(
+        "--repeats", type=_positive, default=5, help="timed repeats per figure (median reported)"
+    )
+    group.add_argument(
+        "--max-grad-numel",
+        type=_positive,
+        default=2**26,
+        help="torch.func path memory bound (numbers)",
+    )
+    group = bench.add_argument_group("lag")
+    group.add_argument(
+        "--workers", type=_ints, default=(0, 2, 4), help="num_workers values (default 0,2,4)"
+    )
+    group.add_argument(
+        "--prefetch-factor",
+        type=_positive,
+        default=2,
+        help="DataLoader prefetch_factor (default 2)",
+    )
+    group = bench.add_argument_group("policies (digits)")
+    group.add_argument(
+        "--policies",
+        type=_names,
+        default=("fixed", *POLICY_NAMES),
+        help="names (default: fixed and all)",
+    )
+    group.add_argument("--epochs", type=_positive, default=30, help="epochs per run (default 30)")
+    group.add_argument(
+        "--data-fraction", type=_fraction, default=1.0, help="fraction of the training split"
+    )
+    group = bench.add_argument_group("time-to-accuracy (CIFAR-10)")
+    group.add_argument(
+        "--tta-epochs", type=_positive, default=4, help="baseline epochs (default 4)"
+    )
+    group.add_argument(
+        "--tta-policies",
+        type=_names,
+        default=("edba", "selective-backprop", "gns"),
+        help="policies timed against the baseline",
+    )
+    group = bench.add_argument_group("scarce-cifar, scarce-digits")
+    group.add_argument(
+        "--scarce-policies",
+        type=_names,
+        default=None,
+        help="CIFAR policies (default: all that apply)",
+    )
+    group.add_argument(
+        "--budget", type=_positive, default=40_000, help="candidates per CIFAR run (default 40000)"
+    )
+    group.add_argument(
+        "--digits-budget",
+        type=_positive,
+        default=20_000,
+        help="candidates per digits run (default 20000)",
+    )
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,46 +186,10 @@ def main(argv: list[str] | None = None) -> int:
             policy=args.policy,
             show_progress=not args.no_progress,
         )
-    elif args.command == "bench" and args.part == "probe":
-        from .bench.probe_cost import DEFAULT_SHAPES, format_probe_cost, measure_probe_cost
+    elif args.command == "bench":
+        from .bench.suite import run_parts
 
-        costs = [
-            measure_probe_cost(
-                *shape, device=args.device, repeats=args.repeats, max_grad_numel=args.max_grad_numel
-            )
-            for shape in args.shape or DEFAULT_SHAPES
-        ]
-        print(format_probe_cost(costs, args.device, torch.get_num_threads()))
-    elif args.command == "bench" and args.part == "lag":
-        from .bench.lag import format_lag, measure_lag
-
-        results = [
-            measure_lag(w, chunk_size=chunk, prefetch_factor=args.prefetch_factor)
-            for chunk in (None, 8)
-            for w in args.workers
-        ]
-        print(format_lag(results))
-    elif args.command == "bench" and args.part == "policies":
-        from pathlib import Path
-
-        from .bench.policies import format_policy_table, run_policy_bench
-
-        rows = run_policy_bench(
-            args.policies,
-            args.seeds,
-            epochs=args.epochs,
-            data_fraction=args.data_fraction,
-            out_dir=args.out,
-            show_progress=not args.no_progress,
-        )
-        table = format_policy_table(rows, args.policies)
-        header = (
-            f"digits, {args.epochs} epochs, data fraction {args.data_fraction:g}, seeds "
-            f"{','.join(map(str, args.seeds))}, {torch.get_num_threads()} torch threads, device cpu"
-        )
-        print(header)
-        print(table)
-        (Path(args.out) / "policies.md").write_text(header + "\n\n" + table + "\n")
+        run_parts(args)
     return 0
 
 

@@ -9,47 +9,24 @@ backward) and the policy's learning-rate coupling where its paper has one (see `
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset, TensorDataset
+from torch.utils.data import TensorDataset
 
 from ._optional import require
-from .filter import SubsetFilter
-from .indexed import IndexedDataset
-from .lr_coupling import BatchSizeLR
-from .per_layer import PerLayerBackward
-from .recipes import POLICY_NAMES, recipe
-from .sampler import AdaptiveBatchSampler
+from .recipes import POLICY_NAMES
+from .runner import RunResult, RunSpec, fixed_batch_size, train
 
 __all__ = ["RunResult", "load_digits_split", "run_demo", "train_run"]
 
-BATCH_SIZE = 100  # EDBA's starting size; the fixed run keeps it
 # SGD with the EDBA paper's Nesterov momentum 0.9 and weight decay 1e-5; its learning rate (1e-3,
 # for PreResNet56 over hundreds of epochs) is raised to 0.05 so this small MLP trains in seconds.
 OPTIMIZER = {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-5}
-
-
-@dataclass
-class RunResult:
-    name: str
-    test_accuracy: float
-    steps: int
-    samples_trained: int
-    samples_probed: int
-    wall_seconds: float
-    losses: list[float] = field(default_factory=list)
-    batch_sizes: list[int] = field(default_factory=list)
-    candidate_sizes: list[int] = field(default_factory=list)
-
-    @property
-    def mean_batch_size(self) -> float:
-        return self.samples_trained / max(self.steps, 1)
 
 
 def load_digits_split(
@@ -74,8 +51,8 @@ def load_digits_split(
     return train, tensors(x_test, y_test), allowed.sort().values
 
 
-def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+def make_model() -> nn.Module:
+    """The demo's MLP: 64 pixels, one hidden layer of 128, 10 classes."""
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
@@ -83,116 +60,30 @@ def accuracy(model: nn.Module, data: TensorDataset) -> float:
     model.eval()
     with torch.no_grad():
         x, y = data.tensors
-        return (model(x).argmax(dim=1) == y).float().mean().item()
-
-
-def fixed_batch_size(name: str) -> int | None:
-    """The batch size of a plain-DataLoader run: ``"fixed"`` (100) or ``"fixed-<size>"``;
-    ``None`` for a policy."""
-    if name == "fixed":
-        return BATCH_SIZE
-    prefix, _, size = name.partition("-")
-    if prefix == "fixed" and size.isdigit() and int(size) >= 1:
-        return int(size)
-    return None
-
-
-class _Run:
-    """Bookkeeping of one training run."""
-
-    def __init__(self, name: str, progress: Any) -> None:
-        self.result = RunResult(name, 0.0, 0, 0, 0, 0.0)
-        self.progress = progress
-
-    def record(self, loss: float, trained: int, candidates: int, probed: bool) -> None:
-        r = self.result
-        r.steps += 1
-        r.samples_trained += trained
-        r.samples_probed += candidates if probed else 0
-        r.losses.append(loss)
-        r.batch_sizes.append(trained)
-        r.candidate_sizes.append(candidates)
-        self.progress.set_postfix(run=r.name, loss=f"{loss:.3f}", batch=trained, refresh=False)
+        device = next(model.parameters()).device
+        return (model(x.to(device)).argmax(dim=1).cpu() == y).float().mean().item()
 
 
 def train_run(
     name: str,
-    train: TensorDataset,
+    train_data: TensorDataset,
     test: TensorDataset,
     allowed: torch.Tensor,
     *,
     seed: int,
     epochs: int,
-    progress: Any,
+    progress: Any = None,
 ) -> RunResult:
-    """Train the demo MLP with ``name`` ("fixed", "fixed-<size>" or a recipe name); one tick of ``progress`` per
-    epoch. Raises ``RuntimeError`` if the sampler ever used an index outside ``allowed``."""
-    model = make_model(seed)
-    optimizer = torch.optim.SGD(model.parameters(), **OPTIMIZER)
-    run = _Run(name, progress)
-
-    def sgd_step(x: torch.Tensor, y: torch.Tensor) -> float:
-        model.train()
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    start = time.perf_counter()
-    fixed_size = fixed_batch_size(name)
-    if fixed_size is not None:
-        subset = Subset(train, allowed.tolist())
-        batches = DataLoader(
-            subset,
-            batch_size=fixed_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(seed),
-        )
-        for _ in range(epochs):
-            for x, y in batches:
-                run.record(sgd_step(x, y), len(y), len(y), probed=False)
-            progress.update(1)
-    else:
-        r = recipe(name, seed=seed, lr=OPTIMIZER["lr"], total_samples=epochs * len(allowed))
-        sampler = AdaptiveBatchSampler(
-            train, policy=r.policy, indices=allowed, seed=seed, **r.sampler_kwargs()
-        )
-        loader = DataLoader(IndexedDataset(train), batch_sampler=sampler)
-        scheduler = BatchSizeLR(optimizer, sampler, r.lr_rule) if r.lr_rule else None
-        backward = PerLayerBackward(model, r.policy, sampler=sampler) if r.per_layer else None
-        filtered = None if r.per_layer else SubsetFilter(loader, model, sampler=sampler)
-        for _ in range(epochs):
-            if backward is not None:
-                for batch in loader:
-                    model.train()
-                    optimizer.zero_grad()
-                    loss = backward(batch).item()
-                    optimizer.step()
-                    fb = backward.last_feedback
-                    # Each layer trains on its own subset: count the mean subset size.
-                    run.record(
-                        loss,
-                        round(fb.stats["kept_fraction"] * fb.batch_size),
-                        fb.batch_size,
-                        probed=True,
-                    )
-                    if scheduler is not None:
-                        scheduler.step()
-            else:
-                for x, y in filtered:
-                    loss = sgd_step(x, y)
-                    run.record(loss, len(y), filtered.last_feedback.batch_size, probed=True)
-                    if scheduler is not None:
-                        scheduler.step()
-            progress.update(1)
-        # The leakage check: the sampler only ever handed out indices of the allowed subset.
-        used = (sampler.times_kept + sampler.times_dropped).nonzero().flatten()
-        if not set(used.tolist()) <= set(allowed.tolist()):
-            raise RuntimeError(f"{name}: an index outside the training subset was used")
-    run.result.wall_seconds = time.perf_counter() - start
-    run.result.test_accuracy = accuracy(model, test)
-    return run.result
+    """Train the demo MLP for ``epochs`` with ``name`` ("fixed", "fixed-<size>" or a policy)."""
+    spec = RunSpec(name, seed=seed, epochs=epochs, optimizer=dict(OPTIMIZER))
+    return train(
+        spec,
+        make_model,
+        train_data,
+        allowed,
+        evaluate=partial(accuracy, data=test),
+        progress=progress,
+    )
 
 
 def run_demo(
@@ -213,7 +104,8 @@ def run_demo(
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
     tqdm = require("tqdm", "demo", "the demo").tqdm
     train, test, allowed = load_digits_split(seed, data_fraction)
-    with tqdm(total=2 * epochs, desc="demo", unit="epoch", disable=not show_progress) as progress:
+    total = 2 * epochs * len(allowed)
+    with tqdm(total=total, desc="demo", unit="sample", disable=not show_progress) as progress:
         results = [
             train_run(name, train, test, allowed, seed=seed, epochs=epochs, progress=progress)
             for name in ("fixed", policy)
@@ -240,9 +132,9 @@ COLUMNS = [
     ("test acc %", "{:>10}", lambda r: f"{100 * r.test_accuracy:.2f}"),
     ("steps", "{:>6}", lambda r: str(r.steps)),
     ("samples trained", "{:>15}", lambda r: str(r.samples_trained)),
-    ("samples probed", "{:>14}", lambda r: str(r.samples_probed)),
+    ("candidates", "{:>10}", lambda r: str(r.samples_probed)),
     ("mean batch", "{:>10}", lambda r: f"{r.mean_batch_size:.1f}"),
-    ("wall s", "{:>7}", lambda r: f"{r.wall_seconds:.2f}"),
+    ("train s", "{:>7}", lambda r: f"{r.train_seconds:.2f}"),
 ]
 
 
@@ -272,7 +164,7 @@ def save_plot(results: list[RunResult], path: Path) -> Path:
             label=f"{result.name}: trained on",
             linewidth=1,
         )
-        if result.samples_probed:
+        if fixed_batch_size(result.name) is None:
             size_axes.plot(
                 result.candidate_sizes,
                 color=line.get_color(),

@@ -138,6 +138,7 @@ class SubsetFilter:
         assert self.sampler is not None
         wanted = self.sampler.plan_batch()
         parts: list[IndexedSample] = []
+        indices: list[Tensor] = []
         count = 0
         while count < wanted:
             try:
@@ -149,12 +150,12 @@ class SubsetFilter:
                     "chunks must carry their dataset indices: wrap the dataset as IndexedDataset(dataset)"
                 )
             parts.append(chunk)
-            count += torch.as_tensor(chunk.index).numel()
+            indices.append(torch.as_tensor(chunk.index).flatten())
+            count += indices[-1].numel()
         if not parts:
             return None
-        lengths = [torch.as_tensor(p.index).numel() for p in parts]
-        index = torch.cat([torch.as_tensor(p.index).flatten() for p in parts])
-        return IndexedSample(index, concat([p.sample for p in parts], lengths))
+        lengths = [i.numel() for i in indices]
+        return IndexedSample(torch.cat(indices), concat([p.sample for p in parts], lengths))
 
     def __len__(self) -> int:
         """The source's length: filtering never removes a whole batch. Unknown (``TypeError``)
@@ -175,12 +176,13 @@ class SubsetFilter:
             )
         result = self.probe(get_field(batch, self.inputs), get_field(batch, self.targets))
         selection = self.rule.select(result)
-        if self.buckets is not None:
-            selection = self._fit_buckets(selection)
         if selection.batch_size != result.batch_size:
             raise ValueError(
-                f"{type(self.rule).__name__} selected from {selection.batch_size} samples; the batch has {result.batch_size}"
+                f"{type(self.rule).__name__} selected from {selection.batch_size} samples; "
+                f"the batch has {result.batch_size}"
             )
+        if self.buckets is not None:
+            selection = self._fit_buckets(selection)
         if indices is not None and indices.numel() != result.batch_size:
             raise ValueError(
                 f"the batch has {result.batch_size} samples but {indices.numel()} indices"

@@ -44,6 +44,8 @@ class FeedbackLedger:
 
     def settle(self, candidates: Tensor) -> None:
         """Remove the in-flight entries whose indices together are exactly ``candidates``."""
+        if self._settle_oldest(candidates):
+            return
         wanted = set(candidates.tolist())
         if len(wanted) != candidates.numel():
             raise ValueError("feedback names some dataset index twice (kept and dropped overlap?)")
@@ -63,6 +65,23 @@ class FeedbackLedger:
             )
         for position in reversed(matched):
             del self.in_flight[position]
+
+    def _settle_oldest(self, candidates: Tensor) -> bool:
+        """The common case, in tensor ops: feedback for the oldest entries, in order."""
+        count, total = 0, 0
+        for entry in self.in_flight:
+            count += 1
+            total += entry.numel()
+            if total >= candidates.numel():
+                break
+        if total != candidates.numel() or count == 0:
+            return False
+        oldest = torch.cat([self.in_flight[i] for i in range(count)]).sort().values
+        if not torch.equal(oldest, candidates.sort().values):
+            return False
+        for _ in range(count):
+            self.in_flight.popleft()
+        return True
 
     def record(self, kept: Tensor, dropped: Tensor) -> None:
         self.times_kept[kept] += 1

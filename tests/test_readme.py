@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -39,8 +40,15 @@ def test_the_two_commands_install_this_project_and_work(tmp_path):
     assert demo_pip == [".[demo]"] and test_pip == ["-e", ".[dev]"]
     # The installs are what CI does; here the project is installed already. Run the demo as
     # written (in a scratch folder, where it writes demo-output/).
+    # Console scripts install beside the interpreter, which may not be on PATH (an inactive venv).
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     run = subprocess.run(
-        shlex.split(demo), cwd=tmp_path, capture_output=True, text=True, timeout=600
+        shlex.split(demo),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PATH": path},
     )
     assert run.returncode == 0, run.stderr
     assert (

@@ -54,9 +54,8 @@ def run_policy_bench(
     key = (str(data_fraction), str(epochs))
     done = {(r["policy"], r["seed"]) for r in rows if (r["data_fraction"], r["epochs"]) == key}
     todo = [(p, s) for p in policies for s in seeds if (p, str(s)) not in done]
-    with tqdm(
-        total=len(todo) * epochs, desc="policies", unit="epoch", disable=not show_progress
-    ) as progress:
+    total = sum(epochs * len(load_digits_split(seed, data_fraction)[2]) for _, seed in todo)
+    with tqdm(total=total, desc="policies", unit="sample", disable=not show_progress) as progress:
         for policy, seed in todo:
             train, test, allowed = load_digits_split(seed, data_fraction)
             result = train_run(
@@ -71,7 +70,7 @@ def run_policy_bench(
                 "steps": str(result.steps),
                 "samples_trained": str(result.samples_trained),
                 "samples_probed": str(result.samples_probed),
-                "wall_seconds": f"{result.wall_seconds:.3f}",
+                "wall_seconds": f"{result.train_seconds:.3f}",
             }
             new_file = not path.exists()
             with path.open("a", newline="") as f:

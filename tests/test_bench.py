@@ -1,0 +1,176 @@
+"""The benchmark: the quick suite end to end, resumable results, the data helpers, the runner's
+limits and its leak check."""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import tarfile
+
+import numpy
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from adaptive_batch import runner
+from adaptive_batch.bench.cifar import load_cifar10, stratified_subset
+from adaptive_batch.bench.common import Results, mean_std
+from adaptive_batch.cli import main
+from adaptive_batch.runner import RunSpec, train
+
+from .test_examples import tiny_image_folder
+
+
+def read_csv(path):
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    for name in ("overhead", "probe", "lag", "policies", "time-to-accuracy"):
+        assert (tmp_path / f"{name}.md").read_text().startswith("# "), name
+    for plot in ("time-to-accuracy", "scarce-cifar", "scarce-digits"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 5_000, plot
+    overhead = read_csv(tmp_path / "overhead.csv")
+    ratios = [float(r["value"]) for r in overhead if "ratio" in r["item"]]
+    assert len(ratios) == 8 and all(math.isfinite(v) and v > 0 for v in ratios)
+    # Every data-scarce run used only its subset, and the table says so.
+    scarce = read_csv(tmp_path / "scarce-cifar.csv")
+    assert {r["subset"] for r in scarce} == {"100-samples", "1pct", "10pct"}
+    assert all(r["indices_inside"] == "True" for r in scarce)
+    assert "LEAK" not in (tmp_path / "scarce-cifar.md").read_text()
+    assert all(int(r["candidates"]) >= 800 for r in scarce)  # the quick budget
+    tta = read_csv(tmp_path / "time-to-accuracy.csv")
+    assert [r["policy"] for r in tta] == ["fixed", "edba", "gns"]
+    # A second call finds every run in the CSV and trains nothing.
+    before = (tmp_path / "scarce-cifar.csv").read_text()
+    argv = ["bench", "scarce-cifar-100", "time-to-accuracy", "--quick", "--out", str(tmp_path)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert (tmp_path / "scarce-cifar.csv").read_text() == before
+    assert len(read_csv(tmp_path / "time-to-accuracy.csv")) == 3
+    assert "90.69 ± 0.17" in capsys.readouterr().out  # the paper's figure beside ours
+
+
+def test_cifar_parts_need_data_outside_quick_mode(tmp_path):
+    with pytest.raises(SystemExit, match="--data"):
+        main(["bench", "scarce-cifar-100", "--out", str(tmp_path), "--no-progress"])
+
+
+def test_results_resume_and_reject_mismatched_files(tmp_path):
+    results = Results(tmp_path, "part", ["policy", "seed", "acc"], key=["policy", "seed"])
+    results.add({"policy": "edba", "seed": 0, "acc": 0.123456789})
+    again = Results(tmp_path, "part", ["policy", "seed", "acc"], key=["policy", "seed"])
+    assert again.has(policy="edba", seed=0) and not again.has(policy="edba", seed=1)
+    assert again.select(policy="edba") == [{"policy": "edba", "seed": "0", "acc": "0.123457"}]
+    with pytest.raises(ValueError, match="fields"):
+        again.add({"policy": "gns", "seed": 0})
+    with pytest.raises(ValueError, match="columns"):
+        Results(tmp_path, "part", ["policy", "acc"], key=["policy"])
+
+
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=6))
+def test_mean_std_matches_the_statistics_module(values):
+    mean, std = (float(part) for part in mean_std(values, 100).split(" ± "))
+    spread = statistics.stdev(values) * 100 if len(values) > 1 else 0.0
+    assert mean == pytest.approx(statistics.fmean(values) * 100, abs=0.006)
+    assert std == pytest.approx(spread, abs=0.006)
+
+
+@given(st.integers(2, 10), st.integers(1, 30), st.integers(0, 2**31 - 1), st.integers(1, 10_000))
+def test_stratified_subset_balances_classes(classes, per_class, seed, wanted):
+    labels = torch.arange(classes * per_class) % classes
+    count = min(wanted, labels.numel())
+    chosen = stratified_subset(labels, count, seed)
+    assert chosen.numel() == count == chosen.unique().numel()
+    assert torch.equal(chosen, chosen.sort().values)
+    counts = torch.bincount(labels[chosen], minlength=classes)
+    assert int(counts.max() - counts.min()) <= 1
+    assert torch.equal(chosen, stratified_subset(labels, count, seed))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_load_cifar10_reads_folder_or_archive_and_caches(tmp_path, packed):
+    image = pytest.importorskip("PIL.Image")
+    folder = tiny_image_folder(tmp_path / "images")
+    location = folder
+    if packed:
+        location = tmp_path / "cifar10-jpg.tar.gz"
+        with tarfile.open(location, "w:gz") as archive:
+            archive.add(folder, arcname="cifar10-jpg")
+    data = load_cifar10(location, tmp_path / "cache")
+    assert data.train_x.shape == (40, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
+    assert data.train_x.dtype == torch.uint8
+    # Labels follow the sorted class folders; pixels are what Pillow decodes.
+    assert data.train_y.tolist() == [label for label in range(10) for _ in range(4)]
+    with image.open(folder / "train" / "class3" / "0001.jpg") as picture:
+        expected = torch.from_numpy(numpy.asarray(picture.convert("RGB")).copy())
+    assert torch.equal(data.train_x[13].permute(1, 2, 0), expected)
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    cached = load_cifar10(location, tmp_path / "cache")
+    assert torch.equal(cached.test_x, data.test_x)
+
+
+def test_load_cifar10_names_a_wrong_layout(tmp_path):
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(FileNotFoundError, match="no CIFAR-10"):
+        load_cifar10(tmp_path / "missing", tmp_path / "cache")
+    with pytest.raises(ValueError, match="ImageFolder layout"):
+        load_cifar10(tmp_path / "flat", tmp_path / "cache")
+
+
+def toy_data(samples: int = 300):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, 8, generator=gen)
+    y = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+    return TensorDataset(x, y)
+
+
+def make_model() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+
+
+@pytest.mark.parametrize("name", ["fixed-20", "edba", "gns", "dba"])
+def test_train_respects_the_budget_and_records_the_curve(name):
+    data = toy_data()
+    allowed = torch.arange(0, 300, 3)
+    spec = RunSpec(name, seed=1, sample_budget=450, eval_every=150)
+    result = train(spec, make_model, data, allowed, evaluate=lambda model: 0.5)
+    assert 450 <= result.samples_probed < 450 + 1000  # stops within one candidate batch
+    assert result.samples_trained <= result.samples_probed
+    assert sum(result.candidate_sizes) == result.samples_probed
+    assert [c[1] for c in result.curve][:3] == sorted(c[1] for c in result.curve)[:3]
+    assert result.curve[-1][1] == result.samples_probed and result.indices_inside
+    assert result.first_reaching(0.5) == result.curve[0][:3]
+    assert result.first_reaching(0.6) is None
+
+
+def test_train_stops_at_the_target_accuracy():
+    accuracies = iter([0.1, 0.4, 0.9, 0.95])
+    spec = RunSpec("fixed-10", epochs=50, eval_every=30, target_accuracy=0.8)
+    result = train(
+        spec, make_model, toy_data(), torch.arange(100), evaluate=lambda m: next(accuracies)
+    )
+    assert [c[3] for c in result.curve] == [0.1, 0.4, 0.9]
+    assert result.samples_probed == 90 and result.test_accuracy == 0.9
+
+
+def test_train_refuses_a_run_without_limits_or_with_an_unknown_name():
+    with pytest.raises(ValueError, match="limit"):
+        train(RunSpec("fixed"), make_model, toy_data(), torch.arange(10))
+    with pytest.raises(ValueError, match="unknown run"):
+        train(RunSpec("fixed-0", epochs=1), make_model, toy_data(), torch.arange(10))
+
+
+def test_train_detects_a_sampler_that_leaves_the_subset(monkeypatch):
+    class LeakySampler(runner.AdaptiveBatchSampler):
+        def __init__(self, data, *, indices, **kwargs):
+            super().__init__(data, **kwargs)  # forgets the allowed indices
+
+    monkeypatch.setattr(runner, "AdaptiveBatchSampler", LeakySampler)
+    with pytest.raises(RuntimeError, match="outside the allowed subset"):
+        train(RunSpec("edba", epochs=1), make_model, toy_data(), torch.arange(50))

@@ -1,0 +1,69 @@
+"""The examples run with tiny settings (the DDP one is in test_distributed.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    command = [sys.executable, str(ROOT / "examples" / name), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=cwd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def tiny_image_folder(root: Path) -> Path:
+    """A CIFAR-10-shaped ImageFolder tree: 10 classes, 4 training and 2 test JPEGs each."""
+    image = pytest.importorskip("PIL.Image")
+    gen = torch.Generator().manual_seed(0)
+    for split, count in (("train", 4), ("test", 2)):
+        for label in range(10):
+            folder = root / "cifar10-jpg" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=gen, dtype=torch.uint8)
+                image.fromarray(pixels.numpy()).save(folder / f"{i:04d}.jpg")
+    return root / "cifar10-jpg"
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cifar10_resnet_example(tmp_path, packed):
+    folder = tiny_image_folder(tmp_path / "images")
+    data = folder
+    if packed:
+        data = tmp_path / "cifar10-jpg.tar.gz"
+        with tarfile.open(data, "w:gz") as archive:
+            archive.add(folder, arcname="cifar10-jpg")
+    out = run_example(
+        "cifar10_resnet.py",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--workers",
+        "0",
+        "--subset",
+        "20",
+        "--cache",
+        str(tmp_path / "cache"),
+        cwd=tmp_path,
+    )
+    assert "epoch 0: test accuracy" in out and "kept" in out
+
+
+def test_torchdata_nodes_example_resumes_exactly(tmp_path):
+    out = run_example("torchdata_nodes.py", "--epochs", "1", cwd=tmp_path)
+    assert "batch sizes match the uninterrupted run" in out
+
+
+def test_lr_coupling_example(tmp_path):
+    out = run_example("lr_coupling.py", "--epochs", "2", cwd=tmp_path)
+    assert "noise scale + AdaScale epoch" in out and "GeoDamp + damping epoch" in out
