@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import math
 import statistics
-import tarfile
 
 import numpy
 import pytest
@@ -22,7 +21,7 @@ from adaptive_batch.bench.common import Results, mean_std
 from adaptive_batch.cli import main
 from adaptive_batch.runner import RunSpec, train
 
-from .test_examples import tiny_image_folder
+from .test_examples import tiny_cifar
 
 
 def read_csv(path):
@@ -96,12 +95,7 @@ def test_stratified_subset_balances_classes(classes, per_class, seed, wanted):
 @pytest.mark.parametrize("packed", [False, True])
 def test_load_cifar10_reads_folder_or_archive_and_caches(tmp_path, packed):
     image = pytest.importorskip("PIL.Image")
-    folder = tiny_image_folder(tmp_path / "images")
-    location = folder
-    if packed:
-        location = tmp_path / "cifar10-jpg.tar.gz"
-        with tarfile.open(location, "w:gz") as archive:
-            archive.add(folder, arcname="cifar10-jpg")
+    folder, location = tiny_cifar(tmp_path, packed)
     data = load_cifar10(location, tmp_path / "cache")
     assert data.train_x.shape == (40, 3, 32, 32) and data.test_x.shape == (20, 3, 32, 32)
     assert data.train_x.dtype == torch.uint8

@@ -34,14 +34,20 @@ def tiny_image_folder(root: Path) -> Path:
     return root / "cifar10-jpg"
 
 
+def tiny_cifar(tmp_path: Path, packed: bool) -> tuple[Path, Path]:
+    """(the tiny image folder, where to read it: the folder or a .tar.gz of it)."""
+    folder = tiny_image_folder(tmp_path / "images")
+    if not packed:
+        return folder, folder
+    archive_path = tmp_path / "cifar10-jpg.tar.gz"
+    with tarfile.open(archive_path, "w:gz") as archive:
+        archive.add(folder, arcname="cifar10-jpg")
+    return folder, archive_path
+
+
 @pytest.mark.parametrize("packed", [False, True])
 def test_cifar10_resnet_example(tmp_path, packed):
-    folder = tiny_image_folder(tmp_path / "images")
-    data = folder
-    if packed:
-        data = tmp_path / "cifar10-jpg.tar.gz"
-        with tarfile.open(data, "w:gz") as archive:
-            archive.add(folder, arcname="cifar10-jpg")
+    _, data = tiny_cifar(tmp_path, packed)
     out = run_example(
         "cifar10_resnet.py",
         "--data",

@@ -8,7 +8,7 @@ results, and leakage from outside the subset is the first thing to rule out.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ import torch
 from .._optional import require
 from ..demo import accuracy as digits_accuracy
 from ..demo import load_digits_split
-from ..runner import RunSpec, train
+from ..runner import RunResult, RunSpec, train
 from .cifar import AugmentedImages, CifarData, evaluate, stratified_subset
 from .common import Results, floats, markdown_table, mean_std
 from .models import cifar_resnet, mlp
@@ -81,6 +81,36 @@ FIELDS = (
 )
 
 
+def _run_subsets(
+    part: str,
+    subsets: Sequence[str],
+    policies: Sequence[str],
+    seeds: Sequence[int],
+    budget: int,
+    out_dir: str | Path,
+    show_progress: bool,
+    run_one: Callable[[str, RunSpec, Any], RunResult],
+) -> Results:
+    """Every (subset, seed, policy) run not yet in ``<out>/<part>.csv``, seed by seed."""
+    results = Results(out_dir, part, FIELDS, key=("subset", "policy", "seed", "budget"))
+    todo = [
+        (s, p, seed)
+        for s in subsets
+        for seed in seeds
+        for p in policies
+        if not results.has(subset=s, policy=p, seed=seed, budget=budget)
+    ]
+    tqdm = require("tqdm", "demo", "the benchmark").tqdm
+    with tqdm(
+        total=len(todo) * budget, desc=part, unit="sample", disable=not show_progress
+    ) as progress:
+        for subset, policy, seed in todo:
+            spec = RunSpec(policy, seed=seed, sample_budget=budget)
+            result = run_one(subset, spec, progress)
+            results.add(_row(subset, policy, seed, budget, result))
+    return results
+
+
 def run_cifar_scarce(
     data: CifarData,
     subsets: Sequence[str],
@@ -93,32 +123,22 @@ def run_cifar_scarce(
     show_progress: bool = True,
 ) -> Results:
     """ResNet-8 on stratified CIFAR-10 subsets, ``budget`` candidates per run; resumable."""
-    results = Results(out_dir, "scarce-cifar", FIELDS, key=("subset", "policy", "seed", "budget"))
-    todo = [
-        (s, p, seed)
-        for s in subsets
-        for seed in seeds
-        for p in policies
-        if not results.has(subset=s, policy=p, seed=seed, budget=budget)
-    ]
-    tqdm = require("tqdm", "demo", "the benchmark").tqdm
-    with tqdm(
-        total=len(todo) * budget, desc="scarce-cifar", unit="sample", disable=not show_progress
-    ) as progress:
-        for subset, policy, seed in todo:
-            allowed = stratified_subset(data.train_y, CIFAR_SUBSETS[subset], seed)
-            spec = RunSpec(policy, seed=seed, sample_budget=budget, optimizer=dict(CIFAR_OPTIMIZER))
-            result = train(
-                spec,
-                cifar_resnet,
-                AugmentedImages(data.train_x, data.train_y, seed=seed),
-                allowed,
-                evaluate=partial(evaluate, images=data.test_x, labels=data.test_y),
-                device=device,
-                progress=progress,
-            )
-            results.add(_row(subset, policy, seed, budget, result))
-    return results
+
+    def run_one(subset: str, spec: RunSpec, progress: Any) -> RunResult:
+        spec.optimizer = dict(CIFAR_OPTIMIZER)
+        return train(
+            spec,
+            cifar_resnet,
+            AugmentedImages(data.train_x, data.train_y, seed=spec.seed),
+            stratified_subset(data.train_y, CIFAR_SUBSETS[subset], spec.seed),
+            evaluate=partial(evaluate, images=data.test_x, labels=data.test_y),
+            device=device,
+            progress=progress,
+        )
+
+    return _run_subsets(
+        "scarce-cifar", subsets, policies, seeds, budget, out_dir, show_progress, run_one
+    )
 
 
 def run_digits_scarce(
@@ -131,40 +151,25 @@ def run_digits_scarce(
     show_progress: bool = True,
 ) -> Results:
     """DBA's analog: a one-hidden-layer MLP on stratified digits subsets; resumable."""
-    results = Results(out_dir, "scarce-digits", FIELDS, key=("subset", "policy", "seed", "budget"))
-    todo = [
-        (s, p, seed)
-        for s in subsets
-        for seed in seeds
-        for p in policies
-        if not results.has(subset=s, policy=p, seed=seed, budget=budget)
-    ]
-    tqdm = require("tqdm", "demo", "the benchmark").tqdm
-    with tqdm(
-        total=len(todo) * budget, desc="scarce-digits", unit="sample", disable=not show_progress
-    ) as progress:
-        for subset, policy, seed in todo:
-            train_data, test, _ = load_digits_split(seed, 1.0)
-            allowed = stratified_subset(train_data.tensors[1], DIGITS_SUBSETS[subset], seed)
-            spec = RunSpec(
-                policy,
-                seed=seed,
-                sample_budget=budget,
-                optimizer={"lr": 0.05, "momentum": 0.9, "nesterov": True},
-            )
-            result = train(
-                spec,
-                partial(mlp, 64, 128, 10),
-                train_data,
-                allowed,
-                evaluate=partial(digits_accuracy, data=test),
-                progress=progress,
-            )
-            results.add(_row(subset, policy, seed, budget, result))
-    return results
+
+    def run_one(subset: str, spec: RunSpec, progress: Any) -> RunResult:
+        train_data, test, _ = load_digits_split(spec.seed, 1.0)
+        spec.optimizer = {"lr": 0.05, "momentum": 0.9, "nesterov": True}
+        return train(
+            spec,
+            partial(mlp, 64, 128, 10),
+            train_data,
+            stratified_subset(train_data.tensors[1], DIGITS_SUBSETS[subset], spec.seed),
+            evaluate=partial(digits_accuracy, data=test),
+            progress=progress,
+        )
+
+    return _run_subsets(
+        "scarce-digits", subsets, policies, seeds, budget, out_dir, show_progress, run_one
+    )
 
 
-def _row(subset: str, policy: str, seed: int, budget: int, result: Any) -> dict[str, Any]:
+def _row(subset: str, policy: str, seed: int, budget: int, result: RunResult) -> dict[str, Any]:
     return {
         "subset": subset,
         "policy": policy,
