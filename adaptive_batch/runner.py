@@ -27,6 +27,7 @@ from .sampler import AdaptiveBatchSampler
 __all__ = ["RunResult", "RunSpec", "fixed_batch_size", "train"]
 
 FIXED_BATCH_SIZE = 100  # EDBA's starting size; a plain "fixed" run keeps it
+POSTFIX_EVERY = 20  # steps between progress-bar loss readouts (each one syncs with the device)
 
 
 def fixed_batch_size(name: str) -> int | None:
@@ -195,6 +196,7 @@ def train(
             return True
         return spec.time_limit is not None and clock.elapsed() >= spec.time_limit
 
+    step_losses: list[torch.Tensor] = []
     epoch, done = 0, False
     clock.start()
     while not done and (spec.epochs is None or epoch < spec.epochs):
@@ -222,14 +224,15 @@ def train(
             result.steps += 1
             result.samples_trained += trained
             result.samples_probed += candidates
-            result.losses.append(loss.item())
+            step_losses.append(loss.detach())  # read back once at the end: no sync per step
             result.batch_sizes.append(trained)
             result.candidate_sizes.append(candidates)
             if progress is not None:
                 progress.update(candidates)
-                progress.set_postfix(
-                    run=spec.name, loss=f"{result.losses[-1]:.3f}", batch=trained, refresh=False
-                )
+                if result.steps % POSTFIX_EVERY == 1 and not getattr(progress, "disable", False):
+                    progress.set_postfix(
+                        run=spec.name, loss=f"{loss.item():.3f}", batch=trained, refresh=False
+                    )
             if spec.eval_every and result.samples_probed >= next_eval:
                 next_eval += spec.eval_every
                 clock.stop()
@@ -241,6 +244,7 @@ def train(
                 done = True
                 break
     clock.stop()
+    result.losses = torch.stack(step_losses).float().tolist() if step_losses else []
     if not result.curve or result.curve[-1][1] != result.samples_probed:
         record_evaluation()
     result.train_seconds = clock.total
