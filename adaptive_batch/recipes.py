@@ -19,6 +19,7 @@ from .policies import (
     GeoDamp,
     GradientNoiseScale,
     PadaDamp,
+    Policy,
     SelectiveBackprop,
 )
 
@@ -27,6 +28,7 @@ __all__ = ["POLICY_NAMES", "Recipe", "recipe"]
 POLICY_NAMES = (
     "constant",
     "edba",
+    "edba-selection",
     "dba",
     "cabs",
     "adadamp",
@@ -77,6 +79,10 @@ def recipe(name: str, *, seed: int, lr: float, total_samples: int) -> Recipe:
         return Recipe(name, Constant())
     if name == "edba":
         return Recipe(name, EDBA(seed=seed))
+    if name == "edba-selection":
+        # EDBA's subset selection on candidate batches of a constant size: separates what the
+        # selection does from what EDBA's growing batch does.
+        return Recipe(name, Policy(selection=EDBA(seed=seed).selection, sizing=Constant()))
     if name == "dba":
         return Recipe(name, DBA(), per_layer=True)
     if name == "cabs":

@@ -168,3 +168,10 @@ def test_train_detects_a_sampler_that_leaves_the_subset(monkeypatch):
     monkeypatch.setattr(runner, "AdaptiveBatchSampler", LeakySampler)
     with pytest.raises(RuntimeError, match="outside the allowed subset"):
         train(RunSpec("edba", epochs=1), make_model, toy_data(), torch.arange(50))
+
+
+def test_edba_selection_recipe_keeps_the_candidate_size_and_selects():
+    spec = RunSpec("edba-selection", seed=0, sample_budget=1000)
+    result = train(spec, make_model, toy_data(), torch.arange(0, 300, 3))
+    assert set(result.candidate_sizes) == {100}  # the size never moves from the sampler's start
+    assert min(result.batch_sizes) < 100 and result.samples_trained < result.samples_probed
