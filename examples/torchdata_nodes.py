@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 from functools import partial
 
 import torch
@@ -102,4 +103,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # A torchdata Loader left mid-epoch sits in a reference cycle with its iterator, so its
+        # worker threads stop only when the garbage collector runs: collect now, before the
+        # interpreter exits with threads still inside torch (which can abort the process).
+        gc.collect()

@@ -1,5 +1,6 @@
 """Shared test settings: a derandomised hypothesis profile and seeded RNGs."""
 
+import gc
 import os
 import random
 
@@ -17,3 +18,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 def _seed_everything():
     torch.manual_seed(0)
     random.seed(0)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # torchdata Loaders left mid-epoch keep worker threads alive until garbage collection (their
+    # iterator holds a reference cycle); stop them before the interpreter shuts down.
+    gc.collect()
