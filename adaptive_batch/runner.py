@@ -95,10 +95,6 @@ class RunResult:
     def mean_batch_size(self) -> float:
         return self.samples_trained / max(self.steps, 1)
 
-    @property
-    def wall_seconds(self) -> float:
-        return self.train_seconds
-
     def first_reaching(self, accuracy: float) -> tuple[float, int, int] | None:
         """(train seconds, candidates, samples trained) at the first evaluation reaching it."""
         for seconds, probed, trained, acc in self.curve:

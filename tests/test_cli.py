@@ -92,3 +92,13 @@ def test_bench_policies_is_resumable_and_prints_mean_and_spread(tmp_path, capsys
     out = capsys.readouterr().out
     assert "| edba | 2 |" in out and "±" in out
     assert (tmp_path / "policies.md").read_text().count("\n| ") == 3
+
+
+def test_bench_policies_resumes_a_whole_number_data_fraction(tmp_path):
+    argv = ["bench", "policies", "--policies", "fixed", "--seeds", "0", "--epochs", "1"]
+    argv += ["--data-fraction", "1", "--out", str(tmp_path), "--no-progress"]
+    assert main(argv) == 0
+    first = (tmp_path / "policies.csv").read_text()
+    assert main(argv) == 0
+    assert (tmp_path / "policies.csv").read_text() == first
+    assert "| fixed | 1 |" in (tmp_path / "policies.md").read_text()

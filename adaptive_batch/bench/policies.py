@@ -6,13 +6,13 @@ skips the rows already there, so an interrupted benchmark continues where it sto
 
 from __future__ import annotations
 
-import csv
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from .._optional import require
 from ..demo import load_digits_split, train_run
+from .common import Results, floats, markdown_table, mean_std
 
 __all__ = ["FIELDS", "format_policy_table", "run_policy_bench"]
 
@@ -29,13 +29,6 @@ FIELDS = (
 )
 
 
-def _read(path: Path) -> list[dict[str, str]]:
-    if not path.exists():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def run_policy_bench(
     policies: Sequence[str],
     seeds: Sequence[int],
@@ -47,69 +40,63 @@ def run_policy_bench(
 ) -> list[dict[str, str]]:
     """Run what is missing from ``out_dir/policies.csv``; return the rows for these settings."""
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "policies.csv"
-    rows = _read(path)
-    key = (str(data_fraction), str(epochs))
-    done = {(r["policy"], r["seed"]) for r in rows if (r["data_fraction"], r["epochs"]) == key}
-    todo = [(p, s) for p in policies for s in seeds if (p, str(s)) not in done]
-    total = sum(epochs * len(load_digits_split(seed, data_fraction)[2]) for _, seed in todo)
+    results = Results(
+        out_dir, "policies", FIELDS, key=("policy", "seed", "data_fraction", "epochs")
+    )
+    # str(): Results writes floats as "%.6g", which would store 1.0 as "1" and never match again.
+    settings = {"data_fraction": str(data_fraction), "epochs": epochs}
+    todo = [
+        (p, s) for p in policies for s in seeds if not results.has(policy=p, seed=s, **settings)
+    ]
+    splits = {seed: load_digits_split(seed, data_fraction) for seed in {s for _, s in todo}}
+    total = sum(epochs * len(splits[seed][2]) for _, seed in todo)
     with tqdm(total=total, desc="policies", unit="sample", disable=not show_progress) as progress:
         for policy, seed in todo:
-            train, test, allowed = load_digits_split(seed, data_fraction)
+            train, test, allowed = splits[seed]
             result = train_run(
                 policy, train, test, allowed, seed=seed, epochs=epochs, progress=progress
             )
-            row = {
-                "policy": policy,
-                "seed": str(seed),
-                "data_fraction": str(data_fraction),
-                "epochs": str(epochs),
-                "test_accuracy": f"{result.test_accuracy:.6f}",
-                "steps": str(result.steps),
-                "samples_trained": str(result.samples_trained),
-                "samples_probed": str(result.samples_probed),
-                "wall_seconds": f"{result.train_seconds:.3f}",
-            }
-            new_file = not path.exists()
-            with path.open("a", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=FIELDS)
-                if new_file:
-                    writer.writeheader()
-                writer.writerow(row)
-            rows.append(row)
-    wanted = {(p, str(s)) for p in policies for s in seeds}
+            results.add(
+                {
+                    "policy": policy,
+                    "seed": seed,
+                    **settings,
+                    "test_accuracy": f"{result.test_accuracy:.6f}",
+                    "steps": result.steps,
+                    "samples_trained": result.samples_trained,
+                    "samples_probed": result.samples_probed,
+                    "wall_seconds": f"{result.train_seconds:.3f}",
+                }
+            )
     return [
-        r
-        for r in rows
-        if (r["policy"], r["seed"]) in wanted and (r["data_fraction"], r["epochs"]) == key
+        r for p in policies for s in seeds for r in results.select(policy=p, seed=s, **settings)
     ]
-
-
-def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
-    mean = statistics.fmean(values) * scale
-    std = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
 def format_policy_table(rows: list[dict[str, str]], policies: Sequence[str]) -> str:
     """A markdown table: one line per policy, mean ± sample std over its seeds."""
-    lines = [
-        "| policy | seeds | test acc % | steps | samples trained | samples probed | wall s |",
-        "|---|---|---|---|---|---|---|",
+    header = [
+        "policy",
+        "seeds",
+        "test acc %",
+        "steps",
+        "samples trained",
+        "samples probed",
+        "wall s",
     ]
+    table = []
     for policy in policies:
         runs = [r for r in rows if r["policy"] == policy]
-        if not runs:
-            continue
-
-        def col(field: str, runs: list[dict[str, str]] = runs) -> list[float]:
-            return [float(r[field]) for r in runs]
-
-        lines.append(
-            f"| {policy} | {len(runs)} | {_mean_std(col('test_accuracy'), 100)} | "
-            f"{statistics.fmean(col('steps')):.0f} | {statistics.fmean(col('samples_trained')):.0f} | "
-            f"{statistics.fmean(col('samples_probed')):.0f} | {_mean_std(col('wall_seconds'))} |"
-        )
-    return "\n".join(lines)
+        if runs:
+            table.append(
+                [
+                    policy,
+                    len(runs),
+                    mean_std(floats(runs, "test_accuracy"), 100),
+                    f"{statistics.fmean(floats(runs, 'steps')):.0f}",
+                    f"{statistics.fmean(floats(runs, 'samples_trained')):.0f}",
+                    f"{statistics.fmean(floats(runs, 'samples_probed')):.0f}",
+                    mean_std(floats(runs, "wall_seconds")),
+                ]
+            )
+    return markdown_table(header, table)
