@@ -66,6 +66,8 @@ def test_results_resume_and_reject_mismatched_files(tmp_path):
     again = Results(tmp_path, "part", ["policy", "seed", "acc"], key=["policy", "seed"])
     assert again.has(policy="edba", seed=0) and not again.has(policy="edba", seed=1)
     assert again.select(policy="edba") == [{"policy": "edba", "seed": "0", "acc": "0.123457"}]
+    results.add({"policy": "gns", "seed": 1, "acc": 1.0})  # a float key is found as written
+    assert Results(tmp_path, "part", ["policy", "seed", "acc"], key=["acc"]).has(acc=1.0)
     with pytest.raises(ValueError, match="fields"):
         again.add({"policy": "gns", "seed": 0})
     with pytest.raises(ValueError, match="columns"):

@@ -44,6 +44,11 @@ def describe_machine(device: torch.device) -> str:
     return f"{where}, torch {torch.__version__.split('+')[0]}"
 
 
+def _cell(value: Any) -> str:
+    """How a value is stored in a results CSV, and so how lookups must spell it."""
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 class Results:
     """Rows of one benchmark part in ``<out>/<part>.csv``: appended as runs finish, so a later
     call skips what is there and an interrupted part resumes."""
@@ -67,14 +72,14 @@ class Results:
             self.rows = []
 
     def _key_of(self, row: dict[str, Any]) -> tuple[str, ...]:
-        return tuple(str(row[k]) for k in self.key)
+        return tuple(_cell(row[k]) for k in self.key)
 
     def has(self, **key: Any) -> bool:
         wanted = self._key_of(key)
         return any(self._key_of(r) == wanted for r in self.rows)
 
     def add(self, row: dict[str, Any]) -> None:
-        row = {k: (f"{v:.6g}" if isinstance(v, float) else str(v)) for k, v in row.items()}
+        row = {k: _cell(v) for k, v in row.items()}
         if set(row) != set(self.fields):
             raise ValueError(f"row fields {sorted(row)} differ from {sorted(self.fields)}")
         new_file = not self.path.exists()
@@ -86,7 +91,7 @@ class Results:
         self.rows.append(row)
 
     def select(self, **match: Any) -> list[dict[str, str]]:
-        return [r for r in self.rows if all(r[k] == str(v) for k, v in match.items())]
+        return [r for r in self.rows if all(r[k] == _cell(v) for k, v in match.items())]
 
 
 def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:

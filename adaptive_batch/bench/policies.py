@@ -43,7 +43,7 @@ def run_policy_bench(
     results = Results(
         out_dir, "policies", FIELDS, key=("policy", "seed", "data_fraction", "epochs")
     )
-    # str(): Results writes floats as "%.6g", which would store 1.0 as "1" and never match again.
+    # A string, as earlier releases wrote it ("1.0"), so their CSVs still resume.
     settings = {"data_fraction": str(data_fraction), "epochs": epochs}
     todo = [
         (p, s) for p in policies for s in seeds if not results.has(policy=p, seed=s, **settings)
