@@ -46,13 +46,27 @@ def main() -> None:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    try:
+        device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        report = train(args, device, device_ids=[local_rank] if cuda else None)
+        if args.report:
+            with open(f"{args.report}-{report['rank']}.json", "w") as f:
+                json.dump(report, f)
+        # Every rank is past its last collective before any rank closes its connections.
+        dist.barrier()
+    finally:
+        # train() has returned, so the DDP wrapper, loader and filter (the process group's users)
+        # are gone; the group is torn down here, not at interpreter exit.
+        dist.destroy_process_group()
 
+
+def train(args: argparse.Namespace, device: torch.device, device_ids: list[int] | None) -> dict:
+    """Train with DDP + sampler + filter; return what this rank saw."""
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same initial weights on every rank
     data = IndexedDataset(blobs(args.samples))
     model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
-    ddp = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+    ddp = DistributedDataParallel(model, device_ids=device_ids)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
 
     sampler = AdaptiveBatchSampler(
@@ -64,7 +78,7 @@ def main() -> None:
         seed=0,
         chunk_size=args.chunk_size,
     )
-    loader = DataLoader(data, batch_sampler=sampler, pin_memory=cuda)
+    loader = DataLoader(data, batch_sampler=sampler, pin_memory=device.type == "cuda")
     batches = SubsetFilter(loader, model, sampler=sampler)
 
     sizes, kept, seen = [], [], []
@@ -84,13 +98,10 @@ def main() -> None:
         seen.append(epoch_seen)
         if rank == 0:
             print(
-                f"epoch {epoch}: {len(epoch_seen)} candidates per rank in {len(sizes)} steps so far, last loss {loss.item():.3f}"
+                f"epoch {epoch}: {len(epoch_seen)} candidates per rank in {len(sizes)} steps "
+                f"so far, last loss {loss.item():.3f}"
             )
-
-    if args.report:
-        with open(f"{args.report}-{rank}.json", "w") as f:
-            json.dump({"rank": rank, "world": world, "sizes": sizes, "kept": kept, "seen": seen}, f)
-    dist.destroy_process_group()
+    return {"rank": rank, "world": world, "sizes": sizes, "kept": kept, "seen": seen}
 
 
 if __name__ == "__main__":

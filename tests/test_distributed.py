@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -67,8 +68,13 @@ def test_torchrun_example_trains_two_ranks_in_step(tmp_path):
         "--report",
         str(tmp_path / "rank"),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
+    # faulthandler prints every thread's Python stack if a rank dies of a signal.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    run = subprocess.run(
+        command, capture_output=True, text=True, timeout=TIMEOUT, cwd=tmp_path, env=env
+    )
+    written = sorted(p.name for p in tmp_path.glob("rank-*.json"))
+    assert run.returncode == 0, f"reports {written}\n{run.stdout[-1500:]}\n{run.stderr[-4000:]}"
     reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
     sizes = [r["sizes"] for r in reports]
     assert sizes[0] == sizes[1] and len(set(sizes[0])) > 1  # identical, and adaptive
