@@ -56,8 +56,7 @@ def main() -> None:
         # Every rank is past its last collective before any rank closes its connections.
         dist.barrier()
     finally:
-        # train() has returned, so the DDP wrapper, loader and filter (the process group's users)
-        # are gone; the group is torn down here, not at interpreter exit.
+        # On every path, and after train() has dropped the group's users (DDP, loader, filter).
         dist.destroy_process_group()
 
 
