@@ -60,10 +60,12 @@ def test_run_demo_checks_its_arguments(tmp_path):
         run_demo(policy="nope", out_dir=tmp_path)
 
 
-def test_bench_probe_prints_both_paths(capsys):
-    assert main(["bench", "probe", "--shape", "20,8,3", "--repeats", "1"]) == 0
+def test_bench_probe_prints_both_paths_and_writes_its_table(tmp_path, capsys):
+    argv = ["bench", "probe", "--shape", "20,8,3", "--repeats", "1", "--out", str(tmp_path)]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "closed form" in out and "torch.func" in out and "    20      8      3" in out
+    assert "torch.func" in (tmp_path / "probe.md").read_text()
 
 
 def test_probe_cost_paths_agree_and_chunking_is_counted():
