@@ -1,28 +1,46 @@
 """adaptive_batch: pick which samples and how many go into each training step.
 
-The parts, wired as in a training loop::
+The stages, in the order data moves (each a subpackage), and the messages between them
+(:mod:`adaptive_batch.contract`)::
 
-    AdaptiveBatchSampler --indices--> DataLoader --batch--> SubsetFilter --kept subset--> your loop
-             ^                                                   |
-             +---------- Feedback (statistics, dataset indices) --+   (HeadProbe scores each batch)
+    sample/  AdaptiveBatchSampler --indices--> load/  DataLoader + IndexedDataset (or chunks)
+                    ^                                   |
+                    |                                   v  candidate batch
+                    |                           probe/  HeadProbe --ProbeResult-->
+                    |                           select/ SubsetFilter (policy's selection rule)
+                    +------------- Feedback ------------+   |
+                                                            v  kept subset
+                                                    train/  your loop (BatchSizeLR, PerLayerBackward)
+
+Policies (:mod:`adaptive_batch.policies`) decide; the application wing (:mod:`adaptive_batch.app`:
+the command line, the demo, the benchmarks) uses all of it and is used by none of it.
 """
 
-from .buckets import SizeBuckets
-from .feedback import Feedback, Progress, Reason, Selection
-from .filter import SubsetFilter
-from .indexed import IndexedDataset, IndexedSample, fetch_batch
-from .lr_coupling import BatchSizeLR
-from .per_layer import PerLayerBackward
+from . import _compat
+from .contract import Feedback, GradientNoise, ProbeResult, Progress, Reason, Selection
+from .errors import (
+    AdaptiveBatchError,
+    AdaptiveBatchKeyError,
+    AdaptiveBatchTypeError,
+    AdaptiveBatchWarning,
+)
+from .load import IndexedDataset, IndexedSample, fetch_batch
 from .probe import HeadProbe, find_head
-from .probe_result import ProbeResult
-from .sampler import AdaptiveBatchSampler
+from .sample import AdaptiveBatchSampler, SizeBuckets, fold_tail
+from .select import SubsetFilter
+from .train import BatchSizeLR, PerLayerBackward
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AdaptiveBatchError",
+    "AdaptiveBatchKeyError",
     "AdaptiveBatchSampler",
+    "AdaptiveBatchTypeError",
+    "AdaptiveBatchWarning",
     "BatchSizeLR",
     "Feedback",
+    "GradientNoise",
     "HeadProbe",
     "IndexedDataset",
     "IndexedSample",
@@ -36,4 +54,7 @@ __all__ = [
     "__version__",
     "fetch_batch",
     "find_head",
+    "fold_tail",
 ]
+
+_compat.install()

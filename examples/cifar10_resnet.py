@@ -22,9 +22,9 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter
-from adaptive_batch.bench.cifar import stratified_subset
-from adaptive_batch.bench.models import cifar_resnet
-from adaptive_batch.recipes import POLICY_NAMES, recipe
+from adaptive_batch.app.bench.cifar import stratified_subset
+from adaptive_batch.app.bench.models import cifar_resnet
+from adaptive_batch.app.recipes import POLICY_NAMES, recipe
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -87,7 +87,7 @@ def main() -> None:
         args.policy,
         seed=args.seed,
         lr=0.05,
-        total_samples=args.epochs * (args.subset or len(train_set)),
+        total_candidates=args.epochs * (args.subset or len(train_set)),
     )
     sampler = AdaptiveBatchSampler(
         train_set,
@@ -117,7 +117,7 @@ def main() -> None:
             )
         print(
             f"epoch {epoch}: test accuracy {100 * correct / len(test_set):.2f}%, batch size now "
-            f"{sampler.batch_size}, kept {batches.num_kept}/{batches.num_candidates} candidates, "
+            f"{sampler.batch_size}, kept {batches.num_trained}/{batches.num_candidates} candidates, "
             f"{time.perf_counter() - start:.0f} s"
         )
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from adaptive_batch import AdaptiveBatchSampler, BatchSizeLR, IndexedDataset, SubsetFilter
-from adaptive_batch.demo import accuracy, load_digits_split, make_model
+from adaptive_batch.app.demo import accuracy, load_digits_split, make_model
 from adaptive_batch.policies import GeoDamp, GradientNoiseScale
 
 

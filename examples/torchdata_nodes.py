@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torchdata.nodes import Loader, ParallelMapper, Prefetcher, SamplerWrapper
 
 from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, fetch_batch
-from adaptive_batch.demo import accuracy, load_digits_split, make_model
+from adaptive_batch.app.demo import accuracy, load_digits_split, make_model
 from adaptive_batch.nodes import SubsetFilterNode
 from adaptive_batch.policies import EDBA
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import traceback
 from datetime import timedelta
 
@@ -13,7 +14,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter
+from adaptive_batch import AdaptiveBatchError, AdaptiveBatchSampler, IndexedDataset, SubsetFilter
 from adaptive_batch.policies import EDBA
 
 from .synthetic import blobs
@@ -90,3 +91,38 @@ def mismatched_config(rank: int, world: int, port: int, results) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _skipping(rank: int, world: int, port: int, results, *, bypass: bool) -> None:
+    """Rank 1 trains without reporting feedback: every rank must raise, naming rank 1."""
+    start = time.monotonic()
+    try:
+        _init(rank, world, port)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        data = _data()
+        sampler = AdaptiveBatchSampler(data, policy=EDBA(seed=0), batch_size=24, min_batch_size=6)
+        loader = DataLoader(data, batch_sampler=sampler)
+        if rank == 0 or bypass:
+            batches = SubsetFilter(loader, model, sampler=sampler)
+        # With bypass, rank 1 builds the filter but iterates the loader itself.
+        source = batches if rank == 0 else loader
+        for _ in range(3):
+            for _batch in source:
+                pass
+        results.put((rank, "ok", None))
+    except AdaptiveBatchError as error:
+        results.put((rank, "adaptive-batch-error", (str(error), time.monotonic() - start)))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def skipped_feedback(rank: int, world: int, port: int, results) -> None:
+    _skipping(rank, world, port, results, bypass=False)
+
+
+def bypassed_feedback(rank: int, world: int, port: int, results) -> None:
+    _skipping(rank, world, port, results, bypass=True)

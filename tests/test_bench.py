@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from adaptive_batch import runner
-from adaptive_batch.bench.cifar import load_cifar10, stratified_subset
-from adaptive_batch.bench.common import Results, mean_std
-from adaptive_batch.cli import main
-from adaptive_batch.runner import RunSpec, train
+from adaptive_batch.app import runner
+from adaptive_batch.app.bench.cifar import load_cifar10, stratified_subset
+from adaptive_batch.app.bench.common import Results, mean_std
+from adaptive_batch.app.cli import main
+from adaptive_batch.app.runner import RunSpec, train
 
 from .test_examples import tiny_cifar
 
@@ -134,13 +134,13 @@ def make_model() -> nn.Module:
 def test_train_respects_the_budget_and_records_the_curve(name):
     data = toy_data()
     allowed = torch.arange(0, 300, 3)
-    spec = RunSpec(name, seed=1, sample_budget=450, eval_every=150)
+    spec = RunSpec(name, seed=1, candidate_budget=450, eval_every=150)
     result = train(spec, make_model, data, allowed, evaluate=lambda model: 0.5)
-    assert 450 <= result.samples_probed < 450 + 1000  # stops within one candidate batch
-    assert result.samples_trained <= result.samples_probed
-    assert sum(result.candidate_sizes) == result.samples_probed
+    assert 450 <= result.candidates < 450 + 1000  # stops within one candidate batch
+    assert result.trained <= result.candidates
+    assert sum(result.candidate_sizes) == result.candidates
     assert [c[1] for c in result.curve][:3] == sorted(c[1] for c in result.curve)[:3]
-    assert result.curve[-1][1] == result.samples_probed and result.indices_inside
+    assert result.curve[-1][1] == result.candidates and result.indices_inside
     assert result.first_reaching(0.5) == result.curve[0][:3]
     assert result.first_reaching(0.6) is None
 
@@ -152,7 +152,7 @@ def test_train_stops_at_the_target_accuracy():
         spec, make_model, toy_data(), torch.arange(100), evaluate=lambda m: next(accuracies)
     )
     assert [c[3] for c in result.curve] == [0.1, 0.4, 0.9]
-    assert result.samples_probed == 90 and result.test_accuracy == 0.9
+    assert result.candidates == 90 and result.test_accuracy == 0.9
 
 
 def test_train_refuses_a_run_without_limits_or_with_an_unknown_name():
@@ -173,7 +173,7 @@ def test_train_detects_a_sampler_that_leaves_the_subset(monkeypatch):
 
 
 def test_edba_selection_recipe_keeps_the_candidate_size_and_selects():
-    spec = RunSpec("edba-selection", seed=0, sample_budget=1000)
+    spec = RunSpec("edba-selection", seed=0, candidate_budget=1000)
     result = train(spec, make_model, toy_data(), torch.arange(0, 300, 3))
     assert set(result.candidate_sizes) == {100}  # the size never moves from the sampler's start
-    assert min(result.batch_sizes) < 100 and result.samples_trained < result.samples_probed
+    assert min(result.batch_sizes) < 100 and result.trained < result.candidates

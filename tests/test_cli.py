@@ -8,10 +8,10 @@ import math
 import pytest
 from tqdm import tqdm
 
-from adaptive_batch.bench.probe_cost import measure_probe_cost
-from adaptive_batch.cli import main
-from adaptive_batch.demo import load_digits_split, run_demo, train_run
-from adaptive_batch.recipes import POLICY_NAMES
+from adaptive_batch.app.bench.probe_cost import measure_probe_cost
+from adaptive_batch.app.cli import main
+from adaptive_batch.app.demo import load_digits_split, run_demo, train_run
+from adaptive_batch.app.recipes import POLICY_NAMES
 
 
 def test_demo_writes_table_plot_and_results(tmp_path, capsys):
@@ -23,8 +23,8 @@ def test_demo_writes_table_plot_and_results(tmp_path, capsys):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert [r["name"] for r in saved] == ["fixed", "edba"]
     fixed, edba = results
-    assert fixed.samples_trained == 2 * 404  # two epochs over the subset, nothing filtered
-    assert edba.samples_probed == 2 * 404 and edba.samples_trained <= edba.samples_probed
+    assert fixed.trained == 2 * 404  # two epochs over the subset, nothing filtered
+    assert edba.candidates == 2 * 404 and edba.trained <= edba.candidates
     assert saved[1]["steps"] == edba.steps and 0.0 <= edba.test_accuracy <= 1.0
 
 
@@ -79,8 +79,8 @@ def test_every_policy_trains_in_the_demo_loop(policy):
     train, test, allowed = load_digits_split(seed=0, data_fraction=0.15)
     with tqdm(total=1, disable=True) as progress:
         result = train_run(policy, train, test, allowed, seed=0, epochs=1, progress=progress)
-    assert result.steps >= 1 and result.samples_probed == len(allowed)
-    assert 1 <= result.samples_trained <= result.samples_probed
+    assert result.steps >= 1 and result.candidates == len(allowed)
+    assert 1 <= result.trained <= result.candidates
     assert 0.0 <= result.test_accuracy <= 1.0 and all(map(math.isfinite, result.losses))
 
 

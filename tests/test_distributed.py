@@ -103,6 +103,18 @@ def test_differently_configured_ranks_fail_on_every_rank_without_hanging():
         assert "seed: rank 0 0, rank 1 1" in payload
 
 
+@pytest.mark.parametrize("worker", ["skipped_feedback", "bypassed_feedback"])
+def test_a_rank_that_skips_feedback_makes_every_rank_raise_within_seconds(worker):
+    # Rank 1 never reports feedback: without a filter at all (its sampler says so when the ranks
+    # first agree), or with a filter it bypasses (its epoch ends while rank 0 waits for feedback).
+    out = spawn(getattr(ddp_workers, worker))
+    for rank, (status, payload) in out.items():
+        assert status == "adaptive-batch-error", f"rank {rank}: {status} {payload}"
+        message, seconds = payload
+        assert "rank 1" in message and "feedback" in message, message
+        assert seconds < 30, seconds  # not the process group's 30-minute timeout
+
+
 def test_replica_arguments_are_checked():
     with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
         AdaptiveBatchSampler(100, num_replicas=2, rank=2)

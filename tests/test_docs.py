@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from adaptive_batch._apidoc import render
+from adaptive_batch.app.apidoc import render
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_api_reference_is_generated_from_the_current_docstrings():
     committed = (ROOT / "docs" / "api.md").read_text()
     assert committed == render(), (
-        "docs/api.md is stale: run python -m adaptive_batch._apidoc > docs/api.md"
+        "docs/api.md is stale: run python -m adaptive_batch.app.apidoc > docs/api.md"
     )
 
 

@@ -153,7 +153,7 @@ def test_subset_masks_respect_size_bounds():
     assert len(set(sizes.tolist())) > 30  # sizes spread over the range
 
 
-PROGRESS = Progress(updates=1, samples=5, epoch_size=100)
+PROGRESS = Progress(updates=1, candidates=5, epoch_size=100)
 
 
 def feedback(reason=Reason.SELECTED, **stats) -> Feedback:

@@ -9,8 +9,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, Reason, Selection, SubsetFilter
-from adaptive_batch.batch_structure import take
+from adaptive_batch import (
+    AdaptiveBatchSampler,
+    AdaptiveBatchWarning,
+    IndexedDataset,
+    Reason,
+    Selection,
+    SubsetFilter,
+)
+from adaptive_batch.load import take
 from adaptive_batch.policies import EDBA, KeepAll, Policy
 from adaptive_batch.policies.base import Stateless
 
@@ -103,7 +110,8 @@ def test_policy_comes_from_the_sampler_and_sizing_only_keeps_all():
     assert isinstance(
         SubsetFilter(None, model(), sampler=sampler).rule, type(sampler.policy.selection)
     )
-    assert isinstance(SubsetFilter(None, model(), policy=EDBA().sizing).rule, KeepAll)
+    with pytest.warns(AdaptiveBatchWarning, match="never run"):  # no sampler takes its feedback
+        assert isinstance(SubsetFilter(None, model(), policy=EDBA().sizing).rule, KeepAll)
     assert isinstance(SubsetFilter(None, model()).rule, KeepAll)
 
 
@@ -149,10 +157,10 @@ def test_statistics_in_feedback_match_the_probe():
 def test_state_round_trip():
     batches = [(torch.randn(12, 4), torch.randint(0, 3, (12,))) for _ in range(6)]
     net = model()
-    first = SubsetFilter(None, net, policy=EDBA(seed=5))
+    first = SubsetFilter(None, net, policy=EDBA(seed=5).selection)
     for batch in batches[:3]:
         first.filter_batch(batch)
-    second = SubsetFilter(None, net, policy=EDBA(seed=0))
+    second = SubsetFilter(None, net, policy=EDBA(seed=0).selection)
     second.load_state_dict(first.state_dict())
     for x, y in batches[3:]:
         a, b = first.filter_batch((x, y)), second.filter_batch((x, y))

@@ -74,7 +74,7 @@ def test_damp_follows_the_requested_size_past_the_cap():
 
 
 def test_adascale_gain_by_hand():
-    gns = GradientNoiseScale(decay=0.0, overhead_samples=10_000.0, min_gain=0.0)
+    gns = GradientNoiseScale(ema_decay=0.0, overhead_samples=10_000.0, min_gain=0.0)
     optimizer, sampler, scheduler = make("adascale", 0, policy=gns)
     # var = 0.99 * 100 / 99 = 1.0, sqr = 0.02 - 1 / 100 = 0.01: phi = 100, B* = sqrt(1e6) -> 400 cap.
     step_once(sampler, grad_variance=0.99, grad_sq_norm=0.02)

@@ -14,14 +14,15 @@ from torch import nn
 
 from adaptive_batch import (
     AdaptiveBatchSampler,
+    AdaptiveBatchWarning,
     HeadProbe,
     IndexedSample,
     PerLayerBackward,
     SubsetFilter,
 )
-from adaptive_batch.per_sample import PerSampleGradients
 from adaptive_batch.policies import CABS, DBA
 from adaptive_batch.policies.dba import greedy_margin_subset
+from adaptive_batch.probe import PerSampleGradients
 
 
 def ce(out, y):
@@ -62,7 +63,7 @@ def test_layer_grams_and_weighted_sums_match_a_per_sample_loop(case, budget):
     build, shape, classes = CASES[case]
     model = build().eval()
     x, y = torch.randn(*shape), torch.randint(0, classes, shape[:1])
-    grads = PerSampleGradients(model, ce, max_numel=budget)
+    grads = PerSampleGradients(model, ce, max_grad_numel=budget)
     grams, losses = grads.layer_grams(x, y)
     naive = naive_per_sample(model, x, y)
     torch.testing.assert_close(losses, ce(model(x), y).detach(), atol=1e-6, rtol=1e-5)
@@ -81,7 +82,9 @@ def test_layer_grams_and_weighted_sums_match_a_per_sample_loop(case, budget):
 def test_chunks_see_the_same_dropout_masks_in_both_passes():
     model = SmallCNN(dropout=0.5).train()
     x, y = torch.randn(6, 2, 4, 4), torch.randint(0, 4, (6,))
-    grads = PerSampleGradients(model, ce, max_numel=200)  # several chunks, recomputed for Grams
+    grads = PerSampleGradients(
+        model, ce, max_grad_numel=200
+    )  # several chunks, recomputed for Grams
     seeds = grads.new_seeds(6)
     grams, _ = grads.layer_grams(x, y, seeds=seeds)
     # One-hot weights recover each g_i; their dot products must be the Gram entries.
@@ -141,7 +144,7 @@ def slow_greedy(grads: torch.Tensor, loss_delta: float, grad_ema: float, min_siz
 def test_greedy_subset_equals_the_slow_reference(seed, size, loss_delta, grad_ema, min_size):
     grads = torch.randn(size, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     mask, margin = greedy_margin_subset(
-        grads @ grads.T, loss_delta, grad_ema, min_size=min(min_size, size)
+        grads @ grads.T, loss_delta, grad_ema, min_kept=min(min_size, size)
     )
     members, expected = slow_greedy(grads, loss_delta, grad_ema, min(min_size, size))
     if math.isinf(expected):
@@ -218,7 +221,8 @@ def test_whole_model_probe_gives_exact_variance():
     exact = HeadProbe(model, head=model)(x, y)
     torch.testing.assert_close(exact.gram, flat @ flat.T, atol=1e-5, rtol=1e-4)
     # A SubsetFilter given the model and an exact-variance CABS probes the whole model.
-    filt = SubsetFilter(None, model, policy=CABS(lr=0.1))
+    with pytest.warns(AdaptiveBatchWarning, match="never run"):  # no sampler here: a probe only
+        filt = SubsetFilter(None, model, policy=CABS(lr=0.1))
     assert filt.probe.head is model
     filt.filter_batch((x, y))
     variance = (flat - flat.mean(0)).square().sum(1).mean().item()

@@ -1,4 +1,6 @@
-"""Exact resume: a checkpoint at any step continues with the uninterrupted run's batches."""
+"""Exact resume: stop anywhere -- mid-epoch, right after an epoch's last batch, after its loop --
+rebuild everything fresh, load, continue: the same indices and sizes as an uninterrupted run, for
+every loader that can resume exactly."""
 
 from __future__ import annotations
 
@@ -21,14 +23,20 @@ from adaptive_batch.policies import EDBA
 
 from .synthetic import blobs
 
-STEPS = 36
+EPOCHS = 3
+DATA = IndexedDataset(blobs(100))
 
-
-def dataset() -> IndexedDataset:
-    return IndexedDataset(blobs(160))
-
-
-DATA = dataset()
+# (loader, workers or prefetching, chunk size). Whole batches sized when a prefetching loader asks
+# for them cannot resume exactly (their sizes were decided before the feedback in between):
+# StatefulDataLoader with workers and a nodes Prefetcher resume exactly with chunks only.
+KINDS = {
+    "dataloader-0-batches": ("dataloader", 0, None),
+    "dataloader-0-chunks": ("dataloader", 0, 8),
+    "dataloader-2-chunks": ("dataloader", 2, 8),
+    "nodes-batches": ("nodes", 0, None),
+    "nodes-chunks": ("nodes", 0, 8),
+    "nodes-prefetch-chunks": ("nodes", 3, 8),
+}
 
 
 class Run:
@@ -37,9 +45,9 @@ class Run:
     def __init__(self, kind: str) -> None:
         torch.manual_seed(0)
         self.kind = kind
+        loader_kind, workers, chunk = KINDS[kind]
         self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
-        chunk = None if kind == "dataloader-batches" else 8
         self.sampler = AdaptiveBatchSampler(
             DATA,
             policy=EDBA(seed=2, factor=1.5),
@@ -49,37 +57,34 @@ class Run:
             chunk_size=chunk,
             seed=4,
         )
-        if kind == "nodes-prefetch":
-            source = Prefetcher(
-                Mapper(SamplerWrapper(self.sampler), partial(fetch_batch, DATA)), prefetch_factor=3
-            )
+        if loader_kind == "nodes":
+            source = Mapper(SamplerWrapper(self.sampler), partial(fetch_batch, DATA))
+            if workers:
+                source = Prefetcher(source, prefetch_factor=workers)
             self.node = SubsetFilterNode(source, self.model, sampler=self.sampler)
-            self.loader = self.iterable = Loader(self.node)
+            self.loader = self.batches = Loader(self.node)
             self.filter = self.node.filter
         else:
-            workers = (
-                {"num_workers": 2, "prefetch_factor": 2} if kind == "dataloader-workers" else {}
-            )
-            self.loader = StatefulDataLoader(DATA, batch_sampler=self.sampler, **workers)
-            self.filter = self.iterable = SubsetFilter(
-                self.loader, self.model, sampler=self.sampler
-            )
-        self.iterator = iter(self.iterable)
+            extra = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
+            self.loader = StatefulDataLoader(DATA, batch_sampler=self.sampler, **extra)
+            self.filter = self.batches = SubsetFilter(self.loader, self.model, sampler=self.sampler)
         self.log: list[tuple[list[int], int]] = []
 
-    def train(self, steps: int) -> None:
-        for _ in range(steps):
-            try:
-                x, y = next(self.iterator)
-            except StopIteration:  # end of an epoch
-                self.iterator = iter(self.iterable)
-                x, y = next(self.iterator)
-            feedback = self.filter.last_feedback
-            self.log.append((sorted(feedback.kept.tolist()), feedback.batch_size))
-            loss = F.cross_entropy(self.model(x), y)
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        feedback = self.filter.last_feedback
+        self.log.append((sorted(feedback.kept.tolist()), feedback.batch_size))
+        self.optimizer.zero_grad()
+        F.cross_entropy(self.model(x), y).backward()
+        self.optimizer.step()
+
+    def epoch(self, stop_after: int | None = None) -> bool:
+        """One ``for`` loop over the batches; ``stop_after`` steps returns inside the loop
+        (``True``), else the loop runs out (``False``)."""
+        for x, y in self.batches:
+            self.step(x, y)
+            if stop_after is not None and len(self.log) == stop_after:
+                return True
+        return False
 
     def checkpoint(self) -> dict:
         state = {
@@ -87,7 +92,7 @@ class Run:
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
         }
-        if self.kind != "nodes-prefetch":  # the node's state is inside the Loader's
+        if not isinstance(self.loader, Loader):  # the node's state is inside the Loader's
             state["filter"] = self.filter.state_dict()
         return copy.deepcopy(state)
 
@@ -97,56 +102,83 @@ class Run:
         if "filter" in state:
             self.filter.load_state_dict(state["filter"])
         self.loader.load_state_dict(state["loader"])
-        self.iterator = iter(self.iterable)
+
+    def run_until(self, total_steps: int) -> None:
+        """Epoch loops until ``total_steps`` steps are logged (a resumed epoch may be empty)."""
+        empty = 0
+        while len(self.log) < total_steps:
+            before = len(self.log)
+            self.epoch(stop_after=total_steps)
+            empty = empty + 1 if len(self.log) == before else 0
+            assert empty < 2, "two epoch loops in a row yielded nothing"
 
 
-KINDS = ["dataloader-workers", "nodes-prefetch", "dataloader-batches"]
-REFERENCE: dict[str, Run] = {}
+REFERENCE: dict[str, tuple[list, list[int], dict]] = {}
 
 
-def reference(kind: str) -> Run:
+def reference(kind: str) -> tuple[list, list[int], dict]:
+    """The uninterrupted run's log, the number of steps in each epoch and the final rule state."""
     if kind not in REFERENCE:
         run = Run(kind)
-        run.train(STEPS)
-        REFERENCE[kind] = run
+        lengths = []
+        for _ in range(EPOCHS):
+            before = len(run.log)
+            run.epoch()
+            lengths.append(len(run.log) - before)
+        REFERENCE[kind] = (run.log, lengths, copy.deepcopy(run.filter.rule.state_dict()))
     return REFERENCE[kind]
 
 
-@pytest.mark.parametrize("kind", KINDS)
-@settings(max_examples=6)
-@given(stop=st.integers(1, STEPS - 1))
-def test_checkpoint_at_any_step_resumes_exactly(kind, stop):
-    check_resume(kind, stop)
-    # torchdata Loaders stopped mid-epoch keep their prefetch threads in a reference cycle; collect
-    # them now, on this thread, not whenever an allocation in one of those threads triggers the
-    # collector (their __del__ then tries to join the thread it runs on).
-    gc.collect()
-
-
-def check_resume(kind: str, stop: int) -> None:
-    expected = reference(kind)
+def check_resume(kind: str, epoch: int, fraction: float, after_loop: bool) -> None:
+    expected, lengths, rule_state = reference(kind)
+    done = sum(lengths[:epoch])
     first = Run(kind)
-    first.train(stop)
+    for _ in range(epoch):
+        first.epoch()
+    if after_loop:
+        first.epoch()  # the whole epoch, and its loop runs out
+    else:  # inside the loop, after 1 .. all of the epoch's batches
+        first.epoch(stop_after=done + max(1, round(fraction * lengths[epoch])))
     state = first.checkpoint()
-    resumed = Run(kind)
+    resumed = Run(kind)  # everything built fresh, as in a new process
     resumed.restore(state)
-    resumed.train(STEPS - stop)
-    assert first.log + resumed.log == expected.log
-    assert len({size for _, size in expected.log}) > 1  # the batch size did change
-    assert (
-        resumed.filter.rule.state_dict()["loss_ema"]
-        == expected.filter.rule.state_dict()["loss_ema"]
-    )
-    sizing = (
-        resumed.sampler.consumer_state_dict()
-        if resumed.sampler.chunk_size
-        else resumed.sampler.state_dict()
-    )
-    assert sizing["batch_size"] == expected.sampler.batch_size
+    resumed.log = list(first.log)
+    resumed.run_until(len(expected))
+    assert resumed.log == expected
+    if len(first.log) < len(expected):  # the resumed run trained: its rule ends where it should
+        final = resumed.filter.rule.state_dict()
+        assert (final["loss_ema"], final["grad_ema"]) == (
+            rule_state["loss_ema"],
+            rule_state["grad_ema"],
+        )
+    gc.collect()  # torchdata Loaders stopped mid-epoch hold threads in a reference cycle
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+@settings(max_examples=8)
+@given(
+    epoch=st.integers(0, EPOCHS - 1),
+    fraction=st.floats(0.0, 1.0),
+    after_loop=st.booleans(),
+)
+def test_a_checkpoint_anywhere_resumes_exactly(kind, epoch, fraction, after_loop):
+    expected, _, _ = reference(kind)
+    assert len({size for _, size in expected}) > 1  # the batch size did change
+    check_resume(kind, epoch, fraction, after_loop)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_the_epoch_boundaries_resume_exactly(kind):
+    # The points the issue found broken, each checked explicitly: after an epoch's last batch
+    # (still inside its loop) and after its loop, for the first and a later epoch.
+    for epoch in (0, 1):
+        for after_loop in (False, True):
+            check_resume(kind, epoch, 1.0, after_loop)
 
 
 def test_sizing_where_consumed_has_no_lag_with_workers():
-    run = Run("dataloader-workers")
-    run.train(STEPS)
-    assert run.sampler.feedback_lag == {0: STEPS}
-    assert all(size % 8 == 0 for _, size in run.log)  # 160 per epoch: every batch is whole chunks
+    run = Run("dataloader-2-chunks")
+    for _ in range(EPOCHS):
+        run.epoch()
+    assert set(run.sampler.feedback_lag) == {0}
+    assert all(size % 8 == 0 for _, size in run.log[:5])  # sizes are whole chunks

@@ -11,8 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from adaptive_batch import AdaptiveBatchSampler, Feedback
-from adaptive_batch.sampler import fold_tail
+from adaptive_batch import AdaptiveBatchError, AdaptiveBatchSampler, Feedback, fold_tail
 
 
 class ScriptedSizes:
@@ -243,29 +242,32 @@ def test_fold_tail_examples():
     assert fold_tail(50, 30, 10, 100) == 30
 
 
-def test_feedback_must_name_a_batch_in_flight():
+def test_feedback_must_name_indices_awaiting_it():
     sampler = AdaptiveBatchSampler(30, batch_size=10, shuffle=False)
     it = iter(sampler)
     batch = next(it)
-    with pytest.raises(ValueError, match="not batches"):
-        sampler.feedback(keep_all([0, 1, 2]))  # part of a batch
-    with pytest.raises(ValueError, match="not batches"):
+    with pytest.raises(AdaptiveBatchError, match="never handed them out"):
         sampler.feedback(keep_all([25, 26, 27, 28, 29, 20, 21, 22, 23, 24]))  # not yielded yet
+    with pytest.raises(AdaptiveBatchError, match=r"not positions in the batch|outside"):
+        sampler.feedback(keep_all([-1, 0]))
+    with pytest.raises(AdaptiveBatchError, match="twice"):
+        sampler.feedback(Feedback(kept=torch.tensor([0, 1]), dropped=torch.tensor([1])))
     sampler.feedback(Feedback(kept=torch.tensor(batch[:4]), dropped=torch.tensor(batch[4:])))
     assert sampler.times_kept[:10].tolist() == [1] * 4 + [0] * 6
     assert sampler.times_dropped[:10].tolist() == [0] * 4 + [1] * 6
-    with pytest.raises(ValueError, match="not batches"):
+    with pytest.raises(AdaptiveBatchError, match="already given"):
         sampler.feedback(keep_all(batch))  # twice
 
 
-def test_feedback_older_than_max_in_flight_is_refused():
-    sampler = AdaptiveBatchSampler(
-        30, batch_size=5, min_batch_size=1, max_in_flight=2, shuffle=False
-    )
-    batches = list(sampler)
-    sampler.feedback(keep_all(batches[-1]))
-    with pytest.raises(ValueError, match="not batches"):
-        sampler.feedback(keep_all(batches[0]))
+def test_any_number_of_batches_may_await_feedback():
+    # A loader may prefetch as far as it likes: nothing is evicted, no bound is reached.
+    sampler = AdaptiveBatchSampler(3000, batch_size=10, min_batch_size=1, shuffle=False)
+    batches = list(sampler)  # 300 batches in flight
+    for batch in reversed(batches):
+        sampler.feedback(keep_all(batch))
+    assert sampler.num_feedback == 300 and int(sampler.times_kept.sum()) == 3000
+    with pytest.warns(DeprecationWarning, match="max_in_flight"):
+        AdaptiveBatchSampler(30, max_in_flight=2, batch_size=10)
 
 
 def test_bad_arguments_are_refused():
@@ -277,7 +279,6 @@ def test_bad_arguments_are_refused():
         ({"indices": [1, 200]}, r"\[0, 100\)"),
         ({"indices": [1, 1]}, "duplicates"),
         ({"indices": []}, "empty"),
-        ({"max_in_flight": 0}, "max_in_flight"),
     ]
     for kwargs, message in cases:
         config = {"data_source": 100, **kwargs}
@@ -295,7 +296,7 @@ def test_state_from_another_configuration_is_refused():
     state = AdaptiveBatchSampler(100, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed"):
         AdaptiveBatchSampler(100, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_samples"):
+    with pytest.raises(ValueError, match="dataset_size"):
         AdaptiveBatchSampler(101, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="indices_digest"):
         AdaptiveBatchSampler(100, seed=1, indices=range(1, 100)).load_state_dict(state)

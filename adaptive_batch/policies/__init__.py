@@ -1,14 +1,18 @@
 """Selection and sizing rules: the decision half of adaptive batching.
 
-Every name here is a plain object over tensors and numbers. See ``docs/policies.md``.
+Every name here is a plain object over tensors and numbers: rules import neither the model nor
+``torch.utils.data``, only :mod:`adaptive_batch.contract`. See ``docs/policies.md``.
 """
 
 from .arbiter import Arbiter
 from .base import (
     KeepAll,
+    LayerSelectionRule,
     Policy,
     SelectionRule,
     SizingRule,
+    Stateless,
+    layer_rule_of,
     probe_scope_of,
     selection_rule_of,
     sizing_rule_of,
@@ -35,11 +39,14 @@ __all__ = [
     "GeoDamp",
     "GradientNoiseScale",
     "KeepAll",
+    "LayerSelectionRule",
     "PadaDamp",
     "Policy",
     "SelectionRule",
     "SelectiveBackprop",
     "SizingRule",
+    "Stateless",
+    "layer_rule_of",
     "probe_scope_of",
     "selection_rule_of",
     "sizing_rule_of",

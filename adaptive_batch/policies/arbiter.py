@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..feedback import Feedback, Progress
+from ..contract import Feedback, Progress
+from ..errors import AdaptiveBatchError, renamed_arguments
+from .learning_rate import LearningRate
 
 __all__ = ["Arbiter", "arbiter_objective", "fit_curvature"]
 
@@ -64,40 +66,42 @@ class Arbiter:
 
     Args:
         lr: the inner optimizer's learning rate, or a callable returning the current one.
-        min_size, max_size: ``s_min`` and ``s_max`` of the agent's output (8 and 512, the paper's
-            defaults).
+        min_batch_size, max_batch_size: ``s_min`` and ``s_max`` of the agent's output (8 and 512,
+            the paper's defaults; formerly ``min_size`` and ``max_size``).
         window: ``T``, inner steps per agent update (10; not given in the paper).
         hidden: width of the agent's hidden layer (16).
         meta_lr: Adam learning rate of the agent (1e-2).
-        decay: factor of the running loss average in the state (0.9).
+        ema_decay: factor of the running loss average in the state (0.9; formerly ``decay``).
         seed: seed of the agent's initialisation.
     """
 
+    @renamed_arguments(min_size="min_batch_size", max_size="max_batch_size", decay="ema_decay")
     def __init__(
         self,
         lr: float | Any,
         *,
-        min_size: int = 8,
-        max_size: int = 512,
+        min_batch_size: int = 8,
+        max_batch_size: int = 512,
         window: int = 10,
         hidden: int = 16,
         meta_lr: float = 1e-2,
-        decay: float = 0.9,
+        ema_decay: float = 0.9,
         seed: int = 0,
     ) -> None:
-        if not 1 <= min_size < max_size:
-            raise ValueError(f"need 1 <= min_size < max_size; got {min_size}, {max_size}")
+        if not 1 <= min_batch_size < max_batch_size:
+            raise AdaptiveBatchError(
+                f"need 1 <= min_batch_size < max_batch_size; got {min_batch_size}, {max_batch_size}"
+            )
         if window < 2:
-            raise ValueError(
+            raise AdaptiveBatchError(
                 f"window must be at least 2 (a loss trend needs two points); got {window}"
             )
-        if not callable(lr) and not lr > 0:
-            raise ValueError(f"lr must be positive; got {lr}")
         self.lr = lr
-        self.min_size = min_size
-        self.max_size = max_size
+        self.current_lr = LearningRate(lr)
+        self.min_batch_size = min_batch_size
+        self.max_batch_size = max_batch_size
         self.window = window
-        self.decay = decay
+        self.ema_decay = ema_decay
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.agent = nn.Sequential(
@@ -113,12 +117,11 @@ class Arbiter:
         self.loss_avg: float | None = None
         self.meta_updates = 0
 
-    def current_lr(self) -> float:
-        return float(self.lr() if callable(self.lr) else self.lr)
-
     def size_of(self, logit: torch.Tensor) -> torch.Tensor:
         """``(s_max - s_min) * sigmoid(l) + s_min`` (before the floor)."""
-        return (self.max_size - self.min_size) * torch.sigmoid(logit) + self.min_size
+        return (self.max_batch_size - self.min_batch_size) * torch.sigmoid(
+            logit
+        ) + self.min_batch_size
 
     def describe(self, batch_size: float, noise_scale: float) -> torch.Tensor:
         """The agent's input for the current training state."""
@@ -127,9 +130,12 @@ class Arbiter:
         noise = (
             math.log10(min(max(noise_scale, 1e-3), 1e6)) / 3 if math.isfinite(noise_scale) else 2.0
         )
-        span = math.log(self.max_size / self.min_size)
+        span = math.log(self.max_batch_size / self.min_batch_size)
         position = (
-            math.log(min(max(batch_size, self.min_size), self.max_size) / self.min_size) / span
+            math.log(
+                min(max(batch_size, self.min_batch_size), self.max_batch_size) / self.min_batch_size
+            )
+            / span
         )
         return torch.tensor([progress, noise, position], dtype=torch.float64)
 
@@ -143,7 +149,9 @@ class Arbiter:
             return batch_size if self.current is None else self.current
         self.initial_loss = loss if self.initial_loss is None else self.initial_loss
         self.loss_avg = (
-            loss if self.loss_avg is None else self.decay * self.loss_avg + (1 - self.decay) * loss
+            loss
+            if self.loss_avg is None
+            else self.ema_decay * self.loss_avg + (1 - self.ema_decay) * loss
         )
         self.history.append((float(feedback.batch_size), loss, sq, v))
         if self.current is None:
@@ -189,9 +197,11 @@ class Arbiter:
         )
         mean_size = sum(h[0] for h in self.history) / len(self.history)
         lr = self.current_lr()
+        if not math.isfinite(lr):
+            return  # no learning rate to fit the curvature with: skip this window
         curvature = fit_curvature(lr, sqr, var, mean_size, decrease=-slope)
         size = self.size_of(self.agent(self.state)).squeeze()
-        objective = arbiter_objective(size, lr, sqr, var, curvature) * self.min_size
+        objective = arbiter_objective(size, lr, sqr, var, curvature) * self.min_batch_size
         self.meta_optimizer.zero_grad()
         (-objective).backward()
         self.meta_optimizer.step()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..feedback import Feedback, Progress
-from .base import Stateless
+from ..contract import Feedback, Progress, Stateless
+from ..errors import AdaptiveBatchError
 
 __all__ = ["Constant"]
 
@@ -24,7 +24,7 @@ class Constant(Stateless):
 
     def __init__(self, batch_size: int | None = None) -> None:
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1; got {batch_size}")
+            raise AdaptiveBatchError(f"batch_size must be at least 1; got {batch_size}")
         self.batch_size = batch_size
 
     def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Progress) -> int:

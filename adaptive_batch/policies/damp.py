@@ -16,7 +16,8 @@ import math
 from collections import deque
 from typing import Any
 
-from ..feedback import Feedback, Progress
+from ..contract import Feedback, Progress
+from ..errors import AdaptiveBatchError
 
 __all__ = ["AdaDamp", "GeoDamp", "PadaDamp"]
 
@@ -26,9 +27,11 @@ class _Dwell:
 
     def __init__(self, initial_batch_size: int | None, wait: int, dwell: int) -> None:
         if wait < 0 or dwell < 1:
-            raise ValueError(f"need wait >= 0 and dwell >= 1; got {wait}, {dwell}")
+            raise AdaptiveBatchError(f"need wait >= 0 and dwell >= 1; got {wait}, {dwell}")
         if initial_batch_size is not None and initial_batch_size < 1:
-            raise ValueError(f"initial_batch_size must be at least 1; got {initial_batch_size}")
+            raise AdaptiveBatchError(
+                f"initial_batch_size must be at least 1; got {initial_batch_size}"
+            )
         self.initial_batch_size = initial_batch_size
         self.wait = wait
         self.dwell = dwell
@@ -61,8 +64,9 @@ class AdaDamp(_Dwell):
     ``F_0`` is the mean loss of the first candidate batch (a random sample of the training data at
     initialisation); ``F_k`` is the mean candidate loss over the last ``dwell`` batches. The
     reference instead evaluates the loss on a fixed 10% sample of the training set; these batches
-    are fresh random samples of it and cost no extra forward passes. ``F_k <= F*`` answers
-    ``inf`` (the sampler clamps it to its largest batch).
+    are fresh random samples of it and cost no extra forward passes. Where ``F_k <= F*`` (a
+    ``min_loss`` set too high) the formula has no answer: the rule keeps its last size rather
+    than asking for an infinite batch, which would drive a damped learning rate to zero.
     """
 
     def __init__(
@@ -90,9 +94,8 @@ class AdaDamp(_Dwell):
         if self._due(progress.updates) and self.recent_losses and self.initial_loss is not None:
             f_k = sum(self.recent_losses) / len(self.recent_losses)
             gap = f_k - self.min_loss
-            self.current = (
-                math.inf if gap <= 0 else math.ceil(b0 * (self.initial_loss - self.min_loss) / gap)
-            )
+            if gap > 0:  # at or below F* the formula is undefined: keep the last size
+                self.current = math.ceil(b0 * (self.initial_loss - self.min_loss) / gap)
         return self.current
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,7 +128,7 @@ class PadaDamp(_Dwell):
         dwell: int = 20,
     ) -> None:
         if not (math.isfinite(rate) and rate >= 0):
-            raise ValueError(f"rate must be finite and non-negative; got {rate}")
+            raise AdaptiveBatchError(f"rate must be finite and non-negative; got {rate}")
         super().__init__(initial_batch_size, wait, dwell)
         self.rate = rate
 
@@ -154,7 +157,7 @@ class GeoDamp:
         self, *, factor: float = 2.0, delay: int = 5, initial_batch_size: int | None = None
     ) -> None:
         if not factor > 0 or delay < 1:
-            raise ValueError(f"need factor > 0 and delay >= 1; got {factor}, {delay}")
+            raise AdaptiveBatchError(f"need factor > 0 and delay >= 1; got {factor}, {delay}")
         self.factor = factor
         self.delay = delay
         self.initial_batch_size = initial_batch_size

@@ -11,14 +11,14 @@ gradients and writes them into ``.grad`` in place of ``loss.backward()``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..feedback import Feedback, Progress, Reason
-from .base import Policy
+from ..contract import Feedback, LayerSelection, Policy, Progress, Reason
+from ..errors import AdaptiveBatchError, renamed_arguments
+from .margin import margin_loss
 
 __all__ = ["DBA", "DBASelection", "DBASizing", "LayerSelection", "greedy_margin_subset"]
 
@@ -26,15 +26,14 @@ __all__ = ["DBA", "DBASelection", "DBASizing", "LayerSelection", "greedy_margin_
 def _margin(
     loss_delta: float, sq_norm: Tensor, count: Tensor, grad_ema: float, eps: float
 ) -> Tensor:
-    norm = sq_norm.clamp_min(0).sqrt() / count
-    denominator = norm - grad_ema
-    valid = (denominator.abs() > eps * max(grad_ema, 1e-12)) & (count > 0)
-    slope = loss_delta / torch.where(valid, denominator, torch.ones_like(denominator))
-    return torch.where(valid, (slope - 1).abs(), torch.full_like(slope, math.inf))
+    """The margin of subsets given ``s^T K s`` and their sizes (``inf`` for empty ones)."""
+    margins = margin_loss(loss_delta, sq_norm.clamp_min(0).sqrt() / count, grad_ema, eps)
+    return torch.where(count > 0, margins, torch.full_like(margins, math.inf))
 
 
+@renamed_arguments(min_size="min_kept")
 def greedy_margin_subset(
-    gram: Tensor, loss_delta: float, grad_ema: float, *, min_size: int = 1, eps: float = 1e-6
+    gram: Tensor, loss_delta: float, grad_ema: float, *, min_kept: int = 1, eps: float = 1e-6
 ) -> tuple[Tensor, float]:
     """The subset DBA reaches from the whole batch by removing, then adding back, one sample at a
     time while the margin loss falls.
@@ -47,7 +46,7 @@ def greedy_margin_subset(
         gram: ``[B, B]`` Gram matrix of the layer's per-sample gradients.
         loss_delta: ``M - M_ema``.
         grad_ema: ``G_ema`` of the layer.
-        min_size: the subset never shrinks below this.
+        min_kept: the subset never shrinks below this.
 
     Returns:
         A ``[B]`` boolean mask and its margin (``inf`` when no subset has a defined margin; the
@@ -71,7 +70,7 @@ def greedy_margin_subset(
         )[0]
     )
     for removing in (True, False):
-        while (count > min_size) if removing else (count < size):
+        while (count > min_kept) if removing else (count < size):
             sign = -1.0 if removing else 1.0
             quads = quad + sign * 2 * ks + diag
             margins = _margin(
@@ -87,20 +86,6 @@ def greedy_margin_subset(
             ks = ks + sign * k[:, best]
             quad, count, current = float(quads[best]), count + int(sign), float(margins[best])
     return mask, current
-
-
-@dataclass
-class LayerSelection:
-    """The subsets DBA chose for one batch: a boolean mask per layer."""
-
-    masks: dict[str, Tensor]
-    reason: str
-    stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def kept_fraction(self) -> float:
-        """Mean over layers of the fraction of the batch each layer uses."""
-        return sum(float(m.float().mean()) for m in self.masks.values()) / len(self.masks)
 
 
 class DBASelection:
@@ -123,9 +108,9 @@ class DBASelection:
         self, *, min_kept: int = 1, ema_decay: float = 0.9, denominator_eps: float = 1e-6
     ) -> None:
         if min_kept < 1:
-            raise ValueError(f"min_kept must be at least 1; got {min_kept}")
+            raise AdaptiveBatchError(f"min_kept must be at least 1; got {min_kept}")
         if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
+            raise AdaptiveBatchError(f"ema_decay must lie in [0, 1); got {ema_decay}")
         self.min_kept = min_kept
         self.ema_decay = ema_decay
         self.denominator_eps = denominator_eps
@@ -154,7 +139,7 @@ class DBASelection:
                 gram,
                 loss - self.loss_ema,
                 grad_ema,
-                min_size=min(self.min_kept, size),
+                min_kept=min(self.min_kept, size),
                 eps=self.denominator_eps,
             )
             masks[layer] = mask
@@ -185,19 +170,21 @@ class DBASizing:
     """The next batch size follows how many gradients the layers chose recently.
 
     ``next = ceil(kept_avg / target_fraction)`` where ``kept_avg`` is a running average (factor
-    ``decay``) of the mean number of samples the layers kept. In equilibrium the layers keep
-    ``target_fraction`` of each batch: when they keep more the batch grows, when fewer it shrinks.
-    The paper states only that the batch size follows the number of gradients chosen; the form and
-    both defaults (``target_fraction`` 0.75, ``decay`` 0.9) are ours.
+    ``ema_decay``, formerly ``decay``) of the mean number of samples the layers kept. In
+    equilibrium the layers keep ``target_fraction`` of each batch: when they keep more the batch
+    grows, when fewer it shrinks. The paper states only that the batch size follows the number of
+    gradients chosen; the form and both defaults (``target_fraction`` 0.75, ``ema_decay`` 0.9)
+    are ours.
     """
 
-    def __init__(self, *, target_fraction: float = 0.75, decay: float = 0.9) -> None:
+    @renamed_arguments(decay="ema_decay")
+    def __init__(self, *, target_fraction: float = 0.75, ema_decay: float = 0.9) -> None:
         if not 0.0 < target_fraction <= 1.0:
-            raise ValueError(f"target_fraction must lie in (0, 1]; got {target_fraction}")
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must lie in [0, 1); got {decay}")
+            raise AdaptiveBatchError(f"target_fraction must lie in (0, 1]; got {target_fraction}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise AdaptiveBatchError(f"ema_decay must lie in [0, 1); got {ema_decay}")
         self.target_fraction = target_fraction
-        self.decay = decay
+        self.ema_decay = ema_decay
         self.kept_avg: float | None = None
 
     def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Progress) -> float:
@@ -206,7 +193,9 @@ class DBASizing:
             return batch_size
         kept = fraction * feedback.batch_size
         self.kept_avg = (
-            kept if self.kept_avg is None else self.decay * self.kept_avg + (1 - self.decay) * kept
+            kept
+            if self.kept_avg is None
+            else self.ema_decay * self.kept_avg + (1 - self.ema_decay) * kept
         )
         return math.ceil(self.kept_avg / self.target_fraction)
 
@@ -233,8 +222,8 @@ class DBA(Policy):
         target_fraction: float = 0.75,
     ) -> None:
         super().__init__(
-            selection=None, sizing=DBASizing(target_fraction=target_fraction, decay=ema_decay)
-        )
-        self.per_layer = DBASelection(
-            min_kept=min_kept, ema_decay=ema_decay, denominator_eps=denominator_eps
+            sizing=DBASizing(target_fraction=target_fraction, ema_decay=ema_decay),
+            per_layer=DBASelection(
+                min_kept=min_kept, ema_decay=ema_decay, denominator_eps=denominator_eps
+            ),
         )

@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from ..feedback import Feedback, Progress, Reason, Selection
-from ..probe_result import ProbeResult
-from .base import Policy, Stateless
+from ..contract import Feedback, Policy, ProbeResult, Progress, Reason, Selection, Stateless
+from ..errors import AdaptiveBatchError
+from .margin import margin_loss
 from .subsets import random_subset_masks
 
 __all__ = ["EDBA", "EDBASelection", "EDBASizing"]
@@ -76,15 +76,17 @@ class EDBASelection:
         seed: int = 0,
     ) -> None:
         if num_subsets < 1:
-            raise ValueError(f"num_subsets must be at least 1; got {num_subsets}")
+            raise AdaptiveBatchError(f"num_subsets must be at least 1; got {num_subsets}")
         if min_kept < 1:
-            raise ValueError(f"min_kept must be at least 1; got {min_kept}")
+            raise AdaptiveBatchError(f"min_kept must be at least 1; got {min_kept}")
         if not 0.0 <= min_kept_fraction <= 1.0:
-            raise ValueError(f"min_kept_fraction must lie in [0, 1]; got {min_kept_fraction}")
+            raise AdaptiveBatchError(
+                f"min_kept_fraction must lie in [0, 1]; got {min_kept_fraction}"
+            )
         if not 0.0 <= ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1); got {ema_decay}")
+            raise AdaptiveBatchError(f"ema_decay must lie in [0, 1); got {ema_decay}")
         if denominator_eps < 0:
-            raise ValueError(f"denominator_eps must be non-negative; got {denominator_eps}")
+            raise AdaptiveBatchError(f"denominator_eps must be non-negative; got {denominator_eps}")
         self.num_subsets = num_subsets
         self.min_kept = min_kept
         self.min_kept_fraction = min_kept_fraction
@@ -149,12 +151,7 @@ class EDBASelection:
         """Margin loss of each gradient norm against the current running averages (``inf`` where
         the denominator is ~0)."""
         assert self.loss_ema is not None and self.grad_ema is not None
-        denominator = grad_norms - self.grad_ema
-        valid = denominator.abs() > self.denominator_eps * max(self.grad_ema, 1e-12)
-        slope = (loss - self.loss_ema) / torch.where(
-            valid, denominator, torch.ones_like(denominator)
-        )
-        return torch.where(valid, (slope - 1.0).abs(), torch.full_like(slope, math.inf))
+        return margin_loss(loss - self.loss_ema, grad_norms, self.grad_ema, self.denominator_eps)
 
     def _update(self, loss: float, grad_norm: float) -> None:
         self.loss_ema = _ema(self.loss_ema, loss, self.ema_decay)
@@ -194,7 +191,7 @@ class EDBASizing(Stateless):
 
     def __init__(self, *, factor: float = 1.1) -> None:
         if not factor > 1.0:
-            raise ValueError(f"factor must exceed 1; got {factor}")
+            raise AdaptiveBatchError(f"factor must exceed 1; got {factor}")
         self.factor = factor
 
     def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Progress) -> int:

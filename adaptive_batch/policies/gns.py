@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..feedback import Feedback, Progress
+from ..contract import Feedback, GradientNoise, Progress
+from ..errors import AdaptiveBatchError, renamed_arguments
 
 __all__ = ["GradientNoiseScale", "goodput"]
 
@@ -42,28 +43,31 @@ class GradientNoiseScale:
     Args:
         overhead_samples: ``k``, the batch size at which a step's fixed cost equals its per-sample
             cost (time steps at two sizes: ``k = (t1 * B2 - t2 * B1) / (t2 - t1)``). Default 128.
-        decay: running-average factor (default 0.95).
+        ema_decay: running-average factor (default 0.95; formerly ``decay``).
         min_gain: the predicted relative goodput gain needed to switch (default 0.05).
         initial_batch_size: ``B_0`` of the efficiency term; default the sampler's starting size.
         scope: ``"head"`` (default) estimates from the head's per-sample gradients; ``"model"``
             makes a SubsetFilter given the model probe every parameter (exact, costlier).
     """
 
+    @renamed_arguments(decay="ema_decay")
     def __init__(
         self,
         *,
         overhead_samples: float = 128.0,
-        decay: float = 0.95,
+        ema_decay: float = 0.95,
         min_gain: float = 0.05,
         initial_batch_size: int | None = None,
         scope: str = "head",
     ) -> None:
-        if not overhead_samples > 0 or not 0.0 <= decay < 1.0 or min_gain < 0:
-            raise ValueError("need overhead_samples > 0, 0 <= decay < 1 and min_gain >= 0")
+        if not overhead_samples > 0 or not 0.0 <= ema_decay < 1.0 or min_gain < 0:
+            raise AdaptiveBatchError(
+                "need overhead_samples > 0, 0 <= ema_decay < 1 and min_gain >= 0"
+            )
         if scope not in ("head", "model"):
-            raise ValueError(f"scope must be 'head' or 'model'; got {scope!r}")
+            raise AdaptiveBatchError(f"scope must be 'head' or 'model'; got {scope!r}")
         self.overhead_samples = overhead_samples
-        self.decay = decay
+        self.ema_decay = ema_decay
         self.min_gain = min_gain
         self.initial_batch_size = initial_batch_size
         self.probe_scope = scope
@@ -75,8 +79,14 @@ class GradientNoiseScale:
         """Bias-corrected ``(tr(Sigma), |G|^2)``, or ``None`` before any batch."""
         if self.count == 0:
             return None
-        correction = 1.0 - self.decay**self.count
+        correction = 1.0 - self.ema_decay**self.count
         return self.var_avg / correction, self.sqr_avg / correction
+
+    def noise_estimate(self) -> GradientNoise | None:
+        """The estimates as a :class:`~adaptive_batch.GradientNoise` (what the sampler exposes as
+        ``sampler.gradient_noise`` for AdaScale), or ``None`` before any batch."""
+        estimates = self.estimates()
+        return None if estimates is None else GradientNoise(*estimates)
 
     def noise_scale(self) -> float:
         estimates = self.estimates()
@@ -97,8 +107,8 @@ class GradientNoiseScale:
             return batch_size
         var = v * size / (size - 1)
         sqr = s - var / size
-        self.var_avg = self.decay * self.var_avg + (1 - self.decay) * var
-        self.sqr_avg = self.decay * self.sqr_avg + (1 - self.decay) * sqr
+        self.var_avg = self.ema_decay * self.var_avg + (1 - self.ema_decay) * var
+        self.sqr_avg = self.ema_decay * self.sqr_avg + (1 - self.ema_decay) * sqr
         self.count += 1
         phi = self.noise_scale()
         target = math.inf if math.isinf(phi) else max(1.0, math.sqrt(self.overhead_samples * phi))

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..feedback import Reason, Selection
-from ..probe_result import ProbeResult
+from ..contract import ProbeResult, Reason, Selection, require_keys
+from ..errors import AdaptiveBatchError, renamed_arguments
 
 __all__ = ["SelectiveBackprop"]
 
@@ -23,44 +23,45 @@ class SelectiveBackprop:
     Args:
         keep: fraction of each batch kept (0.5, Composer's default).
         start, end: active from ``start`` to ``end`` of training, as fractions of
-            ``total_samples`` candidates (0.5 and 0.9, Composer's defaults); outside, every
-            sample is kept.
-        total_samples: candidates over the whole run (for example ``epochs * len(index set)``);
-            ``None`` keeps the rule always active.
+            ``total_candidates`` (0.5 and 0.9, Composer's defaults); outside, every sample is
+            kept.
+        total_candidates: candidates over the whole run (for example ``epochs * len(index
+            set)``; formerly ``total_samples``); ``None`` keeps the rule always active.
         seed: seed of the CPU generator that draws the samples.
     """
 
+    @renamed_arguments(total_samples="total_candidates")
     def __init__(
         self,
         keep: float = 0.5,
         *,
         start: float = 0.5,
         end: float = 0.9,
-        total_samples: int | None = None,
+        total_candidates: int | None = None,
         seed: int = 0,
     ) -> None:
         if not 0.0 < keep <= 1.0:
-            raise ValueError(f"keep must lie in (0, 1]; got {keep}")
+            raise AdaptiveBatchError(f"keep must lie in (0, 1]; got {keep}")
         if not 0.0 <= start <= end <= 1.0:
-            raise ValueError(f"need 0 <= start <= end <= 1; got {start}, {end}")
-        if total_samples is not None and total_samples < 1:
-            raise ValueError(f"total_samples must be positive; got {total_samples}")
+            raise AdaptiveBatchError(f"need 0 <= start <= end <= 1; got {start}, {end}")
+        if total_candidates is not None and total_candidates < 1:
+            raise AdaptiveBatchError(f"total_candidates must be positive; got {total_candidates}")
         self.keep = keep
         self.start = start
         self.end = end
-        self.total_samples = total_samples
-        self.samples_seen = 0
+        self.total_candidates = total_candidates
+        self.candidates_seen = 0
         self._generator = torch.Generator().manual_seed(seed)
 
     def active(self) -> bool:
-        if self.total_samples is None:
+        if self.total_candidates is None:
             return True
-        return self.start <= self.samples_seen / self.total_samples < self.end
+        return self.start <= self.candidates_seen / self.total_candidates < self.end
 
     def select(self, result: ProbeResult) -> Selection:
         size = result.batch_size
         active = self.active()
-        self.samples_seen += size
+        self.candidates_seen += size
         if not active:
             return Selection.keep_all(size, Reason.KEEP_ALL)
         if size == 1:
@@ -81,11 +82,12 @@ class SelectiveBackprop:
         return Selection(kept, size, Reason.SELECTED, stats)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"generator": self._generator.get_state(), "samples_seen": self.samples_seen}
+        return {"generator": self._generator.get_state(), "candidates_seen": self.candidates_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        require_keys(self, state, ("generator",))
         self._generator.set_state(state["generator"])
-        self.samples_seen = state["samples_seen"]
+        self.candidates_seen = state.get("candidates_seen", state.get("samples_seen", 0))
 
 
 def _mean_or_nan(losses: torch.Tensor, kept: torch.Tensor) -> float:

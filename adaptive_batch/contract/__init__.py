@@ -1,0 +1,52 @@
+"""The contract between the stages: messages, rule protocols, the sampler-side protocols, and the
+checkpointing protocol. Everything else in the library depends on this package; it depends on
+nothing else in it."""
+
+from .feedback_sink import ChunkPlanner, FeedbackSink
+from .messages import (
+    Feedback,
+    GradientNoise,
+    LayerSelection,
+    ProbeResult,
+    Progress,
+    Reason,
+    Selection,
+)
+from .rules import (
+    KeepAll,
+    LayerSelectionRule,
+    Policy,
+    SelectionRule,
+    SizingRule,
+    check_whole_batch_policy,
+    layer_rule_of,
+    probe_scope_of,
+    selection_rule_of,
+    sizing_rule_of,
+)
+from .stateful import Stateful, Stateless, require_keys
+
+__all__ = [
+    "ChunkPlanner",
+    "Feedback",
+    "FeedbackSink",
+    "GradientNoise",
+    "KeepAll",
+    "LayerSelection",
+    "LayerSelectionRule",
+    "Policy",
+    "ProbeResult",
+    "Progress",
+    "Reason",
+    "Selection",
+    "SelectionRule",
+    "SizingRule",
+    "Stateful",
+    "Stateless",
+    "check_whole_batch_policy",
+    "layer_rule_of",
+    "probe_scope_of",
+    "require_keys",
+    "selection_rule_of",
+    "sizing_rule_of",
+]

@@ -1,0 +1,115 @@
+"""Gram matrices of per-sample head gradients: closed forms by head type, ``torch.func`` otherwise.
+
+As opacus keeps a registry of per-layer gradient samplers, the probe keeps one of closed-form
+Gram matrices by head type (:data:`CLOSED_FORMS`, extended with :func:`register_closed_form`).
+For a linear head ``z = W a + b`` the per-sample gradient is ``g_i = delta_i (x) [a_i; 1]`` with
+``delta_i = dloss_i / dz_i``, so ``g_i . g_j = (delta_i . delta_j) (a_i . a_j + 1)``: two
+``B x B`` products, never a ``B x C x D`` tensor. Any other head (or input shape) goes through
+:func:`functorch_gram`: per-sample gradients with ``torch.func``, in memory-bounded chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+from ..errors import AdaptiveBatchError, renamed_arguments
+from .losses import LossFn
+from .per_sample import PerSampleGradients
+
+__all__ = [
+    "CLOSED_FORMS",
+    "closed_form_for",
+    "functorch_gram",
+    "linear_head_gram",
+    "register_closed_form",
+]
+
+#: ``(head, features [B, ...], delta) -> [B, B]``, or ``None`` for inputs it does not take;
+#: ``delta()`` gives the ``[B, ...]`` gradients of the per-sample losses with respect to the
+#: head's outputs (computed only when the closed form applies).
+HeadGram = Callable[[nn.Module, Tensor, Callable[[], Tensor]], "Tensor | None"]
+CLOSED_FORMS: dict[type[nn.Module], HeadGram] = {}
+
+
+def register_closed_form(head_type: type[nn.Module]) -> Callable[[HeadGram], HeadGram]:
+    """Register the closed-form Gram of a head type (a decorator)."""
+
+    def register(function: HeadGram) -> HeadGram:
+        CLOSED_FORMS[head_type] = function
+        return function
+
+    return register
+
+
+def closed_form_for(head: nn.Module) -> HeadGram | None:
+    """The registered closed form for ``head``'s type (or a parent type), else ``None``."""
+    for head_type in type(head).__mro__:
+        if head_type in CLOSED_FORMS:
+            return CLOSED_FORMS[head_type]
+    return None
+
+
+def linear_head_gram(
+    features: Tensor, delta: Tensor, *, weight_term: bool = True, bias_term: bool = True
+) -> Tensor:
+    """Closed-form ``[B, B]`` Gram matrix of per-sample gradients of a linear head.
+
+    Args:
+        features: ``[B, D]`` inputs of the head.
+        delta: ``[B, C]`` gradients of the per-sample losses with respect to the head's outputs.
+        weight_term: include the weight's gradient (``False`` when the weight is frozen).
+        bias_term: include the bias's gradient (``False`` without a trainable bias).
+
+    Example:
+        >>> import torch
+        >>> a, d = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.5, -0.5]])
+        >>> linear_head_gram(a, d).item()  # ||d||^2 * (||a||^2 + 1) = 0.5 * 6
+        3.0
+    """
+    if features.dim() != 2 or delta.dim() != 2 or features.shape[0] != delta.shape[0]:
+        raise AdaptiveBatchError(
+            f"linear_head_gram needs [B, D] features and [B, C] deltas; got "
+            f"{tuple(features.shape)} and {tuple(delta.shape)}"
+        )
+    if not (weight_term or bias_term):
+        raise AdaptiveBatchError(
+            "a linear head with neither weight nor bias trainable has no gradient"
+        )
+    batch = features.shape[0]
+    inner = features @ features.T if weight_term else features.new_zeros(batch, batch)
+    if bias_term:
+        inner = inner + 1.0
+    return (delta @ delta.T) * inner
+
+
+@register_closed_form(nn.Linear)
+def _linear(head: nn.Module, features: Tensor, delta: Callable[[], Tensor]) -> Tensor | None:
+    assert isinstance(head, nn.Linear)
+    if features.dim() != 2:
+        return None  # [B, T, D] inputs: per-sample gradients sum over T; torch.func handles it
+    return linear_head_gram(
+        features,
+        delta(),
+        weight_term=head.weight.requires_grad,
+        bias_term=head.bias is not None and head.bias.requires_grad,
+    )
+
+
+@renamed_arguments(max_numel="max_grad_numel")
+def functorch_gram(
+    head: nn.Module,
+    features: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    *,
+    max_grad_numel: int = 2**26,
+) -> Tensor:
+    """``[B, B]`` Gram matrix of per-sample gradients of ``head``'s trainable parameters.
+
+    Per-sample gradients come from ``vmap(grad(...))`` over ``functional_call(head, ...)`` in
+    chunks holding at most ``max_grad_numel`` numbers (see
+    :class:`~adaptive_batch.probe.PerSampleGradients`).
+    """
+    return PerSampleGradients(head, loss_fn, max_grad_numel=max_grad_numel).gram(features, targets)

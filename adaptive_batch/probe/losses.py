@@ -1,0 +1,170 @@
+"""Per-sample losses on the head's outputs, by name, with their gradients in closed form.
+
+A :class:`HeadLoss` gives per-sample losses ``[B]`` and, where it is known in closed form, the
+gradient of each sample's loss with respect to that sample's outputs (``delta``); without it the
+gradient comes from ``torch.func``. Named losses are looked up in :data:`LOSSES`
+(:func:`register_loss` adds one); any callable ``loss_fn(outputs, targets) -> [B]`` works too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.func import grad, vmap
+
+from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
+
+__all__ = ["LOSSES", "HeadLoss", "LossFn", "register_loss", "resolve_loss"]
+
+#: ``loss_fn(outputs [B, ...], targets [B, ...]) -> per-sample losses [B]``
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+IGNORE_INDEX = -100  # torch's default for cross-entropy: such targets carry no loss and no gradient
+
+
+@dataclass(frozen=True)
+class HeadLoss:
+    """A per-sample loss and what is known about it.
+
+    Attributes:
+        name: how it is asked for (``HeadProbe(model, loss=name)``).
+        per_sample: ``(outputs, targets) -> [B]``.
+        output_grads: ``(outputs, targets) -> [B, ...]``, the gradient of each sample's loss with
+            respect to its own outputs in closed form; ``None`` computes it with ``torch.func``.
+        check: raises a clear error for outputs and targets the loss cannot take.
+    """
+
+    name: str
+    per_sample: LossFn
+    output_grads: LossFn | None = None
+    check: Callable[[Tensor, Tensor], None] | None = None
+
+    def losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if self.check is not None:
+            self.check(outputs, targets)
+        losses = self.per_sample(outputs, targets)
+        if losses.shape != outputs.shape[:1]:
+            raise AdaptiveBatchError(
+                f"the loss must return per-sample losses of shape [{outputs.shape[0]}]; got "
+                f"{tuple(losses.shape)} (use reduction='none' and reduce all but the batch dim)"
+            )
+        return losses
+
+    def gradients(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """``[B, ...]`` gradient of each sample's loss with respect to its own outputs."""
+        if self.output_grads is not None:
+            return self.output_grads(outputs, targets)
+
+        def one(output: Tensor, target: Tensor) -> Tensor:
+            return self.per_sample(output.unsqueeze(0), target.unsqueeze(0)).sum()
+
+        return vmap(grad(one))(outputs, targets)
+
+
+LOSSES: dict[str, HeadLoss] = {}
+
+
+def register_loss(loss: HeadLoss) -> HeadLoss:
+    """Make ``loss`` available by its name."""
+    LOSSES[loss.name] = loss
+    return loss
+
+
+def resolve_loss(loss: str | LossFn | HeadLoss) -> HeadLoss:
+    """The :class:`HeadLoss` for a name, a callable (gradients by ``torch.func``) or itself."""
+    if isinstance(loss, HeadLoss):
+        return loss
+    if isinstance(loss, str):
+        if loss not in LOSSES:
+            raise AdaptiveBatchError(
+                f"unknown loss {loss!r}: give one of {sorted(LOSSES)} or a callable "
+                "loss_fn(outputs, targets) -> per-sample losses [B]"
+            )
+        return LOSSES[loss]
+    if callable(loss):
+        return HeadLoss(getattr(loss, "__name__", "custom"), loss)
+    raise AdaptiveBatchTypeError(
+        f"loss must be a name in {sorted(LOSSES)} or a callable; got {type(loss).__name__}"
+    )
+
+
+def _check_cross_entropy(logits: Tensor, targets: Tensor) -> None:
+    if logits.dim() != 2:
+        raise AdaptiveBatchError(
+            f"loss='cross_entropy' needs [B, C] outputs; the head gives {tuple(logits.shape)}. "
+            "For other shapes pass loss=<a callable returning per-sample losses [B]>."
+        )
+    if logits.shape[1] == 1:
+        raise AdaptiveBatchError(
+            "the head has a single output, and cross-entropy over one class is always 0 (every "
+            "batch would be scored alike and the policy would never move): for regression use "
+            "HeadProbe(model, loss='mse'), or a loss callable"
+        )
+    if targets.is_floating_point():
+        if targets.shape != logits.shape:
+            raise AdaptiveBatchError(
+                f"cross-entropy takes class indices (integers, [B]) or class probabilities "
+                f"([B, C] floats); got float targets of shape {tuple(targets.shape)}. For "
+                "regression use HeadProbe(model, loss='mse'), or a loss callable"
+            )
+    elif targets.shape != logits.shape[:1]:
+        raise AdaptiveBatchError(
+            f"cross-entropy class indices must have shape [B] = [{logits.shape[0]}]; got "
+            f"{tuple(targets.shape)}"
+        )
+
+
+def _cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+def _cross_entropy_grads(logits: Tensor, targets: Tensor) -> Tensor:
+    """``softmax(z) - onehot(y)`` (zero for ignored targets); ``softmax(z) * sum(y) - y`` for
+    probabilities."""
+    probs = torch.softmax(logits, dim=1)
+    if targets.is_floating_point():
+        return probs * targets.sum(dim=1, keepdim=True) - targets
+    ignored = targets == IGNORE_INDEX
+    classes = targets.long().masked_fill(ignored, 0).unsqueeze(1)
+    delta = probs.scatter_add(1, classes, -torch.ones_like(probs[:, :1]))
+    return delta.masked_fill(ignored.unsqueeze(1), 0.0)
+
+
+def _as_output_shape(outputs: Tensor, targets: Tensor) -> Tensor:
+    if targets.shape == outputs.shape:
+        return targets
+    if outputs.dim() == 2 and outputs.shape[1] == 1 and targets.shape == outputs.shape[:1]:
+        return targets.unsqueeze(1)  # [B] targets for a [B, 1] head, the usual regression
+    raise AdaptiveBatchError(
+        f"loss='mse' needs targets shaped like the outputs {tuple(outputs.shape)} (or [B] for "
+        f"[B, 1] outputs); got {tuple(targets.shape)}"
+    )
+
+
+def _check_mse(outputs: Tensor, targets: Tensor) -> None:
+    if not targets.is_floating_point():
+        raise AdaptiveBatchError(
+            f"loss='mse' needs float targets; got {targets.dtype} (class indices belong to "
+            "loss='cross_entropy')"
+        )
+    _as_output_shape(outputs, targets)
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    diff = outputs - _as_output_shape(outputs, targets).to(outputs.dtype)
+    return diff.square().flatten(1).mean(dim=1)
+
+
+def _mse_grads(outputs: Tensor, targets: Tensor) -> Tensor:
+    diff = outputs - _as_output_shape(outputs, targets).to(outputs.dtype)
+    return 2.0 * diff / diff[0].numel()
+
+
+cross_entropy = register_loss(
+    HeadLoss("cross_entropy", _cross_entropy, _cross_entropy_grads, _check_cross_entropy)
+)
+mse = register_loss(HeadLoss("mse", _mse, _mse_grads, _check_mse))

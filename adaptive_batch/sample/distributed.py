@@ -1,0 +1,151 @@
+"""What the sampler needs from ``torch.distributed``: replicas, and ranks kept in step.
+
+Every rank must draw disjoint indices, run the same number of steps and use the same batch size
+at each step, or DDP hangs. The sampler shards each epoch's plan (the same on every rank) into
+equal parts and gathers every step's feedback so that each rank's sizing rule sees the same
+numbers. Every collective it makes is one :meth:`RankSync.exchange` of a tagged message, so a
+rank that is somewhere else -- one that skipped a feedback, finished its epoch early, runs another
+epoch or another configuration -- pairs with the others' collective and every rank raises an
+:class:`~adaptive_batch.AdaptiveBatchError` saying which rank is where, instead of hanging.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..contract import Feedback
+from ..errors import AdaptiveBatchError
+
+__all__ = ["RankSync", "cpu_feedback", "merge_for_sizing", "resolve_replicas"]
+
+START, FEEDBACK, END = "start", "feedback", "end"
+FIX = (
+    "Every rank must report feedback once for every batch it draws (wrap each rank's loader in "
+    "SubsetFilter(loader, model, sampler=sampler), or call sampler.feedback(...) after every "
+    "batch) and iterate the same epochs from the same checkpoint."
+)
+
+
+def initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """``(num_replicas, rank)``, defaulting to the default process group (or ``(1, 0)``)."""
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if initialized() else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized() else 0
+    if num_replicas < 1:
+        raise AdaptiveBatchError(f"num_replicas must be at least 1; got {num_replicas}")
+    if not 0 <= rank < num_replicas:
+        raise AdaptiveBatchError(
+            f"rank {rank} is outside [0, {num_replicas}) for num_replicas={num_replicas}"
+        )
+    if num_replicas > 1 and initialized() and dist.get_world_size() != num_replicas:
+        raise AdaptiveBatchError(
+            f"num_replicas={num_replicas} but the process group has {dist.get_world_size()} "
+            "processes: the sampler gathers feedback over the default group, so they must match"
+        )
+    return num_replicas, rank
+
+
+def _where(rank: int, kind: str, payload: dict[str, Any]) -> str:
+    if kind == START:
+        return f"rank {rank} is starting epoch {payload['epoch']} at position {payload['position']}"
+    if kind == FEEDBACK:
+        return f"rank {rank} is reporting feedback for a batch (its report #{payload['reports']})"
+    return (
+        f"rank {rank} has drawn the {payload['batches']} batches of epoch {payload['epoch']} and "
+        f"reported feedback {payload['reports']} times during it"
+    )
+
+
+class RankSync:
+    """The sampler's collectives: each an all-gather of ``(kind, payload)`` checked for agreement."""
+
+    def __init__(self, num_replicas: int, rank: int) -> None:
+        self.num_replicas = num_replicas
+        self.rank = rank
+
+    def exchange(self, kind: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's payload, in rank order; raises on every rank when a rank is elsewhere."""
+        gathered: list[Any] = [None] * self.num_replicas
+        dist.all_gather_object(gathered, (kind, self.rank, payload))
+        if any(k != kind for k, _, _ in gathered):
+            where = "; ".join(_where(r, k, p) for k, r, p in gathered)
+            raise AdaptiveBatchError(f"the ranks' samplers are out of step: {where}. {FIX}")
+        ranks = [r for _, r, _ in gathered]
+        if sorted(ranks) != list(range(self.num_replicas)):
+            raise AdaptiveBatchError(
+                f"the ranks given to the samplers are {ranks}; each of 0..{self.num_replicas - 1} "
+                "must appear once"
+            )
+        return [p for _, _, p in gathered]
+
+    def start(
+        self, config: dict[str, Any] | None, epoch: int, position: int, reporting: bool
+    ) -> None:
+        """A pass starts: every rank must be configured alike, at the same epoch and position."""
+        payload = {"config": config, "epoch": epoch, "position": position, "reporting": reporting}
+        payloads = self.exchange(START, payload)
+        first = payloads[0]
+        for rank, other in enumerate(payloads):
+            if config is not None:
+                differing = sorted(
+                    k for k in first["config"] if other["config"].get(k) != first["config"][k]
+                )
+                if differing:
+                    details = ", ".join(
+                        f"{k}: rank 0 {first['config'][k]!r}, rank {rank} {other['config'][k]!r}"
+                        for k in differing
+                    )
+                    raise AdaptiveBatchError(
+                        f"the samplers on different ranks are configured differently ({details})"
+                    )
+            if (other["epoch"], other["position"]) != (first["epoch"], first["position"]):
+                raise AdaptiveBatchError(
+                    f"the ranks' samplers are out of step: {_where(0, START, first)}; "
+                    f"{_where(rank, START, other)}. {FIX}"
+                )
+            if other["reporting"] != first["reporting"]:
+                without = ", ".join(str(r) for r, p in enumerate(payloads) if not p["reporting"])
+                raise AdaptiveBatchError(
+                    f"rank {without}: no stage reports feedback to its sampler (no SubsetFilter or "
+                    "PerLayerBackward was given sampler=), while the other ranks' do, so it would "
+                    f"never join their feedback exchange. {FIX}"
+                )
+
+    def end(self, epoch: int, batches: int, reports: int) -> None:
+        self.exchange(END, {"epoch": epoch, "batches": batches, "reports": reports})
+
+    def feedback(self, feedback: Feedback, reports: int) -> list[Feedback]:
+        payloads = self.exchange(FEEDBACK, {"feedback": feedback, "reports": reports})
+        return [p["feedback"] for p in payloads]
+
+
+def merge_for_sizing(items: list[Feedback]) -> Feedback:
+    """The feedback every rank's sizing rule sees: rank 0's batch and reason, each statistic
+    averaged over the ranks where it is finite (rank 0's value where it is finite nowhere)."""
+    first = items[0]
+    if len(items) == 1:
+        return first
+    stats: dict[str, float] = {}
+    for key, value in first.stats.items():
+        finite = [f.stats[key] for f in items if key in f.stats and math.isfinite(f.stats[key])]
+        stats[key] = sum(finite) / len(finite) if finite else value
+    return Feedback(kept=first.kept, dropped=first.dropped, reason=first.reason, stats=stats)
+
+
+def cpu_feedback(feedback: Feedback) -> Feedback:
+    """A copy with CPU tensors and plain floats, cheap to pickle for a gather."""
+    return Feedback(
+        kept=feedback.kept.to("cpu", torch.long).flatten(),
+        dropped=feedback.dropped.to("cpu", torch.long).flatten(),
+        reason=feedback.reason,
+        stats={k: float(v) for k, v in feedback.stats.items()},
+    )

@@ -1,0 +1,89 @@
+"""SamplerPass: one pass over an epoch, the iterator that ``iter(sampler)`` returns."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from ..contract import require_keys
+
+if TYPE_CHECKING:
+    from .sampler import AdaptiveBatchSampler
+
+__all__ = ["SamplerPass"]
+
+
+class SamplerPass(Iterator[list[int]]):
+    """Hands out one epoch's indices from ``position`` on: whole batches sized as they are
+    handed out, or chunks for the consumer to assemble.
+
+    Each ``iter(sampler)`` makes its own pass, as torch's samplers do: a second iterator over the
+    same loader (a peek at one batch, a second filter) never moves this one. Its state (epoch and
+    position) is what ``StatefulDataLoader`` saves for the iterator it holds.
+    """
+
+    EPOCH_KEY = "epoch"
+    POSITION_KEY = "position"
+
+    def __init__(self, sampler: AdaptiveBatchSampler, epoch: int, position: int = 0) -> None:
+        self.sampler = sampler
+        self._seek(epoch, position)
+
+    def _seek(self, epoch: int, position: int) -> None:
+        self.epoch = epoch
+        self.indices = self.sampler.order.epoch_indices(epoch)
+        self.start = self.position = min(position, self.indices.numel())
+        self.batches = 0  # handed out by this pass
+        self.started = self.finished = False
+        self.reports_at_start = 0
+
+    @property
+    def total(self) -> int:
+        """Indices this pass hands out from where it started."""
+        return self.indices.numel() - self.start
+
+    @property
+    def remaining(self) -> int:
+        """Indices this pass has yet to hand out."""
+        return self.indices.numel() - self.position
+
+    def __iter__(self) -> SamplerPass:
+        return self
+
+    def __next__(self) -> list[int]:
+        sampler = self.sampler
+        if not self.started:
+            self.started = True
+            sampler.pass_started(self)
+        remaining = self.remaining
+        chunk_size = sampler.chunk_size
+        size = min(chunk_size, remaining) if chunk_size else 0
+        if remaining > 0 and not chunk_size:
+            size = sampler.sizer.decide(remaining, sampler.ledger.num_feedback)
+            if size == remaining < sampler.min_batch_size and sampler.drop_last:
+                sampler.num_dropped_tails += 1
+                self.position, remaining = self.indices.numel(), 0
+        if remaining <= 0:
+            self._finish()
+            raise StopIteration
+        batch = self.indices[self.position : self.position + size]
+        self.position += size
+        self.batches += 1
+        sampler.ledger.handed_out(batch, self.total if chunk_size else None)
+        sampler.active = self
+        if self.position >= self.indices.numel():
+            self._finish()  # the epoch is over once its last batch is out, asked for again or not
+        return batch.tolist()
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.sampler.pass_finished(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.EPOCH_KEY: self.epoch, self.POSITION_KEY: self.position}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        require_keys(self, state, (self.EPOCH_KEY, self.POSITION_KEY))
+        self._seek(state[self.EPOCH_KEY], state[self.POSITION_KEY])
+        self.sampler.active = self

@@ -1,0 +1,361 @@
+"""AdaptiveBatchSampler: a DataLoader ``batch_sampler`` whose batch size follows feedback."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence, Sized
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from ..contract import Feedback, GradientNoise, Progress, sizing_rule_of
+from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
+from .buckets import SizeBuckets, as_buckets
+from .checkpoint import VERSION, check_state, sampler_config
+from .distributed import RankSync, cpu_feedback, initialized, merge_for_sizing, resolve_replicas
+from .ledger import FeedbackLedger
+from .order import IndexOrder
+from .passes import SamplerPass
+from .sizer import BatchSizer
+
+__all__ = ["AdaptiveBatchSampler"]
+
+
+class AdaptiveBatchSampler(Sampler[list[int]]):
+    """Yields batches of dataset indices whose size a sizing rule adapts from feedback.
+
+    Use it as ``DataLoader(dataset, batch_sampler=sampler)``; a
+    :class:`~adaptive_batch.SubsetFilter` (or your own code) calls :meth:`feedback` after each
+    batch, and the policy's sizing rule picks the size of the batches drawn after that.
+
+    Args:
+        data_source: the dataset (anything with ``len``) or its length.
+        policy: a :class:`~adaptive_batch.policies.Policy` or a sizing rule; ``None`` keeps
+            ``batch_size`` fixed. Only the sizing half is used here.
+        batch_size: size of the first batch (EDBA's start: 100), per rank.
+        min_batch_size, max_batch_size: caps on every size the policy asks for (EDBA's: 10, 1000).
+        indices: the index set to draw from (a list or tensor, in the order used without
+            ``shuffle``); default the whole dataset. Nothing outside it is ever yielded.
+        shuffle: draw each epoch in a permutation seeded by ``seed + epoch``.
+        seed: seed of the shuffle; must be the same on every rank.
+        drop_last: drop an epoch's last batch when it is smaller than ``min_batch_size`` (only
+            when the caps leave no other choice; see :func:`~adaptive_batch.fold_tail`).
+        chunk_size: size batches *where they are consumed*: yield chunks of this many indices and
+            let the consumer (:class:`~adaptive_batch.SubsetFilter`, the node) assemble batches of
+            the current size from them. Sizes then take effect at once however far a loader
+            prefetches, and a checkpoint taken with workers resumes exactly; sizes are multiples
+            of ``chunk_size``. ``None`` (default) yields whole batches.
+        buckets: round every size to these (a :class:`~adaptive_batch.SizeBuckets`, an int for
+            its multiples, or a list of sizes), bounding the shapes ``torch.compile`` sees.
+        num_replicas, rank: as for ``DistributedSampler``; default from the process group.
+
+    Every epoch yields each index of the index set exactly once (at most once with
+    ``drop_last``; under DDP each rank a disjoint, equal share). Every batch is within the caps,
+    the last of an epoch too unless the caps leave no choice. Each ``iter()`` is a pass of its
+    own: it resumes a loaded state, starts the next epoch after a finished one, and otherwise (a
+    pass abandoned midway) starts the current epoch over. :meth:`set_epoch` chooses the epoch, as
+    with ``DistributedSampler``.
+
+    Example:
+        >>> sampler = AdaptiveBatchSampler(10, batch_size=4, min_batch_size=3, seed=0)
+        >>> [len(b) for b in sampler]
+        [4, 6]
+        >>> sorted(i for b in sampler for i in b) == list(range(10))
+        True
+    """
+
+    VERSION_KEY, CONFIG_KEY, EPOCH_KEY, PASS_KEY = "version", "config", "epoch", "pass"
+    SIZER_KEY, LEDGER_KEY, TAILS_KEY = "sizer", "ledger", "num_dropped_tails"
+
+    def __init__(
+        self,
+        data_source: Sized | int,
+        *,
+        policy: Any = None,
+        batch_size: int = 100,
+        min_batch_size: int = 10,
+        max_batch_size: int = 1000,
+        indices: Sequence[int] | Tensor | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+        chunk_size: int | None = None,
+        buckets: SizeBuckets | int | Sequence[int] | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        max_in_flight: int | None = None,
+    ) -> None:
+        size = data_source if isinstance(data_source, int) else len(data_source)
+        if size < 1:
+            raise AdaptiveBatchError(f"the dataset is empty (length {size})")
+        if max_in_flight is not None:
+            warnings.warn(
+                "max_in_flight is no longer used: the sampler tracks each index awaiting feedback, "
+                "with no bound to reach",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        if chunk_size is not None and drop_last:
+            raise AdaptiveBatchError(
+                "drop_last is not supported with chunk_size (chunks fold the tail)"
+            )
+        self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
+        self.dataset_size, self.policy, self.chunk_size, self.drop_last = (
+            size,
+            policy,
+            chunk_size,
+            drop_last,
+        )
+        self._data_source = None if isinstance(data_source, int) else data_source
+        self.order = IndexOrder(
+            size,
+            indices,
+            shuffle=shuffle,
+            seed=seed,
+            num_replicas=self.num_replicas,
+            rank=self.rank,
+        )
+        self.sizer = BatchSizer(
+            sizing_rule_of(policy), batch_size=batch_size, min_batch_size=min_batch_size,
+            max_batch_size=max_batch_size, buckets=as_buckets(buckets), chunk_size=chunk_size,
+        )  # fmt: skip
+        self.ledger = FeedbackLedger(size)
+        if drop_last and self.order.epoch_length(0) < min_batch_size:
+            raise AdaptiveBatchError(
+                f"with drop_last, an index set of {self.order.epoch_length(0)} per replica (fewer "
+                f"than min_batch_size={min_batch_size}) would never yield a batch"
+            )
+        if self.num_replicas > 1 and self.is_adaptive and not initialized():
+            raise AdaptiveBatchError(
+                "an adaptive sampler on several replicas needs torch.distributed initialised: the "
+                "ranks agree on batch sizes by gathering their feedback"
+            )
+        self.sync = (
+            RankSync(self.num_replicas, self.rank)
+            if initialized() and self.num_replicas > 1
+            else None
+        )
+        self._epoch = 0  # what the next fresh pass draws
+        self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
+        self.active: SamplerPass | None = None  # the pass that handed out the latest batch
+        self._finished: SamplerPass | None = None  # the last pass that drew a whole epoch
+        self._reporters, self._agreed, self._warned = 0, False, set[str]()
+        self.num_dropped_tails = 0
+        self.last_feedback: Feedback | None = None
+
+    # -- what it is and where it stands ---------------------------------------------------------
+
+    min_batch_size = property(lambda self: self.sizer.min_batch_size)
+    max_batch_size = property(lambda self: self.sizer.max_batch_size)
+    buckets = property(lambda self: self.sizer.buckets)
+    sizing = property(lambda self: self.sizer.rule, doc="The policy's sizing rule (or ``None``).")
+    is_adaptive = property(lambda self: self.sizer.is_adaptive, doc="Whether sizes can change.")
+    indices = property(lambda self: self.order.indices, doc="The index set.")
+    times_kept = property(lambda self: self.ledger.times_kept, doc="Per index: times kept.")
+    times_dropped = property(lambda self: self.ledger.times_dropped, doc="Per index: dropped.")
+    num_feedback = property(lambda self: self.ledger.num_feedback, doc="Feedback calls received.")
+    requested_batch_size = property(
+        lambda self: self.sizer.requested,
+        doc="The sizing rule's last answer before the caps (``+inf`` recorded as the largest size).",
+    )
+    feedback_lag = property(
+        lambda self: dict(self.sizer.lags),
+        doc="How many batches' feedback was missing when each size was decided, counted.",
+    )
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the pass that handed out the latest batch (else the next pass's)."""
+        return self.active.epoch if self.active is not None else self._next_epoch()
+
+    @property
+    def shard_size(self) -> int:
+        """Indices this rank draws in an epoch."""
+        return self.order.epoch_length(self._next_epoch())
+
+    @property
+    def batch_size(self) -> int:
+        """The size the next batch is drawn at: never more than an epoch holds (an epoch's end
+        may fold it, see :func:`~adaptive_batch.fold_tail`)."""
+        return min(self.sizer.size, self.shard_size)
+
+    @property
+    def estimates_gradient_noise(self) -> bool:
+        return callable(getattr(self.sizer.rule, "noise_estimate", None))
+
+    @property
+    def gradient_noise(self) -> GradientNoise | None:
+        """The sizing rule's gradient-noise estimates, where it keeps them (else ``None``)."""
+        return self.sizer.rule.noise_estimate() if self.estimates_gradient_noise else None  # type: ignore[union-attr]
+
+    @property
+    def num_samples(self) -> int:
+        warnings.warn("num_samples is now called dataset_size", DeprecationWarning, stacklevel=2)
+        return self.dataset_size
+
+    # -- passes --------------------------------------------------------------------------------
+
+    def _next_epoch(self) -> int:
+        return self._pending.epoch if self._pending is not None else self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the next pass in the order of ``epoch``. Setting the epoch that a loaded,
+        unfinished pass is in keeps its position; otherwise the pass starts at the beginning."""
+        if epoch < 0:
+            raise AdaptiveBatchError(f"epoch must be non-negative; got {epoch}")
+        pending = self._pending
+        if pending is not None and (pending.epoch != epoch or pending.remaining == 0):
+            self._pending = None
+        self._epoch = epoch
+
+    def __iter__(self) -> SamplerPass:
+        run, self._pending = self._pending or SamplerPass(self, self._epoch), None
+        return run
+
+    def __len__(self) -> int:
+        """Batches (chunks, with a ``chunk_size``) per epoch; a ``TypeError`` when feedback decides
+        it (torch's convention for an unknown length)."""
+        if self.chunk_size is not None:
+            return -(-self.shard_size // self.chunk_size)
+        if self.is_adaptive:
+            raise AdaptiveBatchTypeError(
+                "the number of batches of an AdaptiveBatchSampler with a sizing policy depends on "
+                "the feedback it will receive, so it has no len()"
+            )
+        return self.sizer.count_batches(self.shard_size, self.drop_last)
+
+    def pass_started(self, run: SamplerPass) -> None:
+        """Called by a pass before it hands out its first batch."""
+        if self._data_source is not None and len(self._data_source) != self.dataset_size:
+            raise AdaptiveBatchError(
+                f"the dataset's length changed from {self.dataset_size} to "
+                f"{len(self._data_source)} since the sampler was built; build a new sampler for it"
+            )
+        last = self._finished
+        if last is not None and self.is_adaptive and self.num_feedback == last.reports_at_start:
+            self._warn_once(
+                "silent",
+                f"the sampler received no feedback during epoch {last.epoch}, so its batch size "
+                "never adapts: wrap the loader in SubsetFilter(loader, model, sampler=sampler), or "
+                "call sampler.feedback(...) after every batch",
+            )
+        run.reports_at_start = self.num_feedback
+        if self.sync is not None and (self.expects_feedback or not self._agreed):
+            config = None if self._agreed else sampler_config(self)
+            self.sync.start(config, run.epoch, run.position, self._reporters > 0)
+            self._agreed = True
+
+    def pass_finished(self, run: SamplerPass) -> None:
+        """Called by a pass once it has handed out its last batch."""
+        self._epoch = max(self._epoch, run.epoch + 1)
+        self._finished = run if run.batches else None
+        if self.sync is not None and self.expects_feedback:
+            self.sync.end(run.epoch, run.batches, self.num_feedback - run.reports_at_start)
+
+    # -- feedback ------------------------------------------------------------------------------
+
+    @property
+    def expects_feedback(self) -> bool:
+        return self.is_adaptive or self._reporters > 0
+
+    def register_reporter(self, reporter: object) -> None:
+        """Record that ``reporter`` (a filter, say) will report feedback for every batch."""
+        self._reporters += 1
+
+    def feedback(self, feedback: Feedback) -> None:
+        """Record what became of one yielded batch, then let the sizing rule pick the next size.
+
+        Raises :class:`~adaptive_batch.AdaptiveBatchError` when the kept and dropped indices do
+        not await feedback (indices this sampler never handed out, feedback given twice). Under
+        DDP every rank must call it once per batch: the ranks' feedback is gathered, every rank
+        counts all of it, and every rank's sizing rule sees the same merged numbers, so sizes
+        agree; a rank out of step makes every rank raise.
+        """
+        local = cpu_feedback(feedback)
+        self.ledger.settle(torch.cat([local.kept, local.dropped]))
+        self.ledger.num_feedback += 1
+        gather = self.sync is not None and self.expects_feedback
+        items = self.sync.feedback(local, self.num_feedback) if gather else [local]  # type: ignore[union-attr]
+        for item in items:
+            self.ledger.record(item.kept, item.dropped)
+        self.last_feedback = feedback
+        length = self.shard_size
+        progress = Progress(
+            self.num_feedback, self.ledger.num_candidates, length * self.num_replicas
+        )
+        self.sizer.update(merge_for_sizing(items), progress, length)
+
+    # -- chunk mode: batches assembled where they are consumed -------------------------------
+
+    def plan_batch(self, remaining: int) -> int:
+        """How many indices the next assembled batch takes with ``remaining`` left in the pass."""
+        if self.chunk_size is None:
+            raise AdaptiveBatchTypeError("plan_batch() is for samplers with a chunk_size")
+        return self.sizer.decide(remaining, self.num_feedback, self.chunk_size)
+
+    def pass_total(self, indices: Tensor) -> int:
+        """How many indices the pass that handed out this chunk hands out in all."""
+        return self.ledger.pass_total(torch.as_tensor(indices))
+
+    # -- checkpointing -------------------------------------------------------------------------
+
+    def feedback_state_dict(self) -> dict[str, Any]:
+        """The feedback side: the sizing rule, the current size and the per-index counts. With
+        a ``chunk_size`` the consumer saves it (as of the last batch it consumed)."""
+        return {
+            self.VERSION_KEY: VERSION,
+            self.CONFIG_KEY: sampler_config(self),
+            self.SIZER_KEY: self.sizer.state_dict(),
+            self.LEDGER_KEY: self.ledger.state_dict(),
+            self.TAILS_KEY: self.num_dropped_tails,
+        }
+
+    def load_feedback_state_dict(self, state: dict[str, Any]) -> None:
+        state = check_state(state, sampler_config(self))
+        self.sizer.load_state_dict(state[self.SIZER_KEY])
+        self.ledger.load_state_dict(state[self.LEDGER_KEY])
+        self.num_dropped_tails = state[self.TAILS_KEY]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the position of the pass that handed out the latest batch and, without a
+        ``chunk_size``, the feedback side (:meth:`feedback_state_dict`)."""
+        run = self._pending or self.active
+        state = {
+            self.VERSION_KEY: VERSION,
+            self.CONFIG_KEY: sampler_config(self),
+            self.EPOCH_KEY: self._epoch,
+            self.PASS_KEY: run.state_dict() if run is not None else None,
+        }
+        if self.chunk_size is None:
+            state.update(self.feedback_state_dict())
+            in_flight = run.batches - (self.num_feedback - run.reports_at_start) if run else 0
+            if self.is_adaptive and in_flight > 0:
+                self._warn_once(
+                    "in flight",
+                    f"AdaptiveBatchSampler.state_dict() taken with {in_flight} batches awaiting "
+                    "feedback (a loader prefetching ahead of it): a run resumed from it cannot "
+                    "repeat the uninterrupted run's batch sizes; use chunk_size=... to resume exactly",
+                )
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next ``iter()`` resumes the saved pass."""
+        state = check_state(state, sampler_config(self))
+        if self.chunk_size is None:
+            self.load_feedback_state_dict(state)
+        self.ledger.clear_in_flight()
+        self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
+        if (saved := state[self.PASS_KEY]) is not None:
+            self._pending = SamplerPass(
+                self, saved[SamplerPass.EPOCH_KEY], saved[SamplerPass.POSITION_KEY]
+            )
+
+    consumer_state_dict = feedback_state_dict  # the names of version 0.1
+    load_consumer_state_dict = load_feedback_state_dict
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, AdaptiveBatchWarning, stacklevel=3)
