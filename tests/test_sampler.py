@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import pytest
 import torch
@@ -13,28 +12,7 @@ from torch.utils.data import DataLoader
 
 from adaptive_batch import AdaptiveBatchError, AdaptiveBatchSampler, Feedback, fold_tail
 
-
-class ScriptedSizes:
-    """A sizing rule that answers from a list, in a cycle (its position is its state)."""
-
-    def __init__(self, sizes: list[Any]) -> None:
-        self.sizes = sizes
-        self.calls = 0
-
-    def next_batch_size(self, batch_size: int, feedback: Feedback, progress: Any) -> Any:
-        size = self.sizes[self.calls % len(self.sizes)]
-        self.calls += 1
-        return size
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.calls = state["calls"]
-
-
-def keep_all(batch: list[int]) -> Feedback:
-    return Feedback(kept=torch.tensor(batch), dropped=torch.tensor([], dtype=torch.long))
+from .scripted import ScriptedSizes, keep_all
 
 
 def run(sampler: AdaptiveBatchSampler, num_batches: int) -> list[list[int]]:

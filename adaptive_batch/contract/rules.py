@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
+from ..errors import AdaptiveBatchTypeError
 from .messages import Feedback, LayerSelection, ProbeResult, Progress, Reason, Selection
 from .stateful import Stateful, Stateless
 
@@ -132,4 +132,3 @@ def check_whole_batch_policy(policy: Any, stage: str) -> None:
             f"this policy selects a subset per layer, which {stage} cannot express: use "
             "adaptive_batch.PerLayerBackward in place of loss.backward() instead"
         )
-

@@ -72,6 +72,17 @@ class RankSync:
         self.num_replicas = num_replicas
         self.rank = rank
 
+    @classmethod
+    def for_sampler(cls, num_replicas: int, rank: int, adaptive: bool) -> RankSync | None:
+        """The sampler's sync, or ``None`` on one replica (or several without a process group,
+        which only a sampler whose size never changes may do)."""
+        if num_replicas > 1 and adaptive and not initialized():
+            raise AdaptiveBatchError(
+                "an adaptive sampler on several replicas needs torch.distributed initialised: the "
+                "ranks agree on batch sizes by gathering their feedback"
+            )
+        return cls(num_replicas, rank) if num_replicas > 1 and initialized() else None
+
     def exchange(self, kind: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's payload, in rank order; raises on every rank when a rank is elsewhere."""
         gathered: list[Any] = [None] * self.num_replicas

@@ -14,7 +14,7 @@ from ..contract import Feedback, GradientNoise, Progress, sizing_rule_of
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from .buckets import SizeBuckets, as_buckets
 from .checkpoint import VERSION, check_state, sampler_config
-from .distributed import RankSync, cpu_feedback, initialized, merge_for_sizing, resolve_replicas
+from .distributed import RankSync, cpu_feedback, merge_for_sizing, resolve_replicas
 from .ledger import FeedbackLedger
 from .order import IndexOrder
 from .passes import SamplerPass
@@ -97,46 +97,19 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 DeprecationWarning,
                 stacklevel=2,
             )
-        if chunk_size is not None and drop_last:
-            raise AdaptiveBatchError(
-                "drop_last is not supported with chunk_size (chunks fold the tail)"
-            )
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
-        self.dataset_size, self.policy, self.chunk_size, self.drop_last = (
-            size,
-            policy,
-            chunk_size,
-            drop_last,
-        )
+        self.dataset_size, self.policy = size, policy
         self._data_source = None if isinstance(data_source, int) else data_source
         self.order = IndexOrder(
-            size,
-            indices,
-            shuffle=shuffle,
-            seed=seed,
-            num_replicas=self.num_replicas,
-            rank=self.rank,
-        )
+            size, indices, shuffle=shuffle, seed=seed, num_replicas=self.num_replicas, rank=self.rank
+        )  # fmt: skip
         self.sizer = BatchSizer(
             sizing_rule_of(policy), batch_size=batch_size, min_batch_size=min_batch_size,
             max_batch_size=max_batch_size, buckets=as_buckets(buckets), chunk_size=chunk_size,
+            drop_last=drop_last, epoch_length=self.order.epoch_length(0),
         )  # fmt: skip
         self.ledger = FeedbackLedger(size)
-        if drop_last and self.order.epoch_length(0) < min_batch_size:
-            raise AdaptiveBatchError(
-                f"with drop_last, an index set of {self.order.epoch_length(0)} per replica (fewer "
-                f"than min_batch_size={min_batch_size}) would never yield a batch"
-            )
-        if self.num_replicas > 1 and self.is_adaptive and not initialized():
-            raise AdaptiveBatchError(
-                "an adaptive sampler on several replicas needs torch.distributed initialised: the "
-                "ranks agree on batch sizes by gathering their feedback"
-            )
-        self.sync = (
-            RankSync(self.num_replicas, self.rank)
-            if initialized() and self.num_replicas > 1
-            else None
-        )
+        self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.is_adaptive)
         self._epoch = 0  # what the next fresh pass draws
         self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
         self.active: SamplerPass | None = None  # the pass that handed out the latest batch
@@ -147,6 +120,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     # -- what it is and where it stands ---------------------------------------------------------
 
+    chunk_size = property(lambda self: self.sizer.chunk_size, doc="The chunk size, or ``None``.")
+    drop_last = property(lambda self: self.sizer.drop_last)
     min_batch_size = property(lambda self: self.sizer.min_batch_size)
     max_batch_size = property(lambda self: self.sizer.max_batch_size)
     buckets = property(lambda self: self.sizer.buckets)
@@ -224,7 +199,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 "the number of batches of an AdaptiveBatchSampler with a sizing policy depends on "
                 "the feedback it will receive, so it has no len()"
             )
-        return self.sizer.count_batches(self.shard_size, self.drop_last)
+        return self.sizer.count_batches(self.shard_size)
 
     def pass_started(self, run: SamplerPass) -> None:
         """Called by a pass before it hands out its first batch."""

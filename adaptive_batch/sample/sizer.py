@@ -63,6 +63,8 @@ class BatchSizer:
         buckets: the sizes allowed (``None``: any within the caps).
         chunk_size: batches are made of chunks of this many indices, so sizes are its multiples
             (then ``buckets`` must be ``None``).
+        drop_last: an epoch's last batch is dropped when the caps leave it short.
+        epoch_length: indices per epoch, to refuse a ``drop_last`` that would drop everything.
 
     The rule's answer is rounded to the nearest allowed size within ``[min_batch_size,
     max_batch_size]``, and never above what an epoch holds; ``nan`` leaves the size unchanged,
@@ -85,8 +87,14 @@ class BatchSizer:
         max_batch_size: int,
         buckets: SizeBuckets | None = None,
         chunk_size: int | None = None,
+        drop_last: bool = False,
+        epoch_length: int | None = None,
     ) -> None:
         if chunk_size is not None:
+            if drop_last:
+                raise AdaptiveBatchError(
+                    "drop_last is not supported with chunk_size (chunks fold the tail)"
+                )
             if buckets is not None:
                 raise AdaptiveBatchError(
                     "chunk_size already rounds sizes to its multiples: give buckets or chunk_size"
@@ -104,8 +112,14 @@ class BatchSizer:
             raise AdaptiveBatchError(
                 f"no size of {buckets} lies within [{min_batch_size}, {max_batch_size}]"
             )
+        if drop_last and epoch_length is not None and epoch_length < min_batch_size:
+            raise AdaptiveBatchError(
+                f"with drop_last, an index set of {epoch_length} per replica (fewer than "
+                f"min_batch_size={min_batch_size}) would never yield a batch"
+            )
         self.rule = rule
         self.chunk_size = chunk_size
+        self.drop_last = drop_last
         self.min_batch_size = min_batch_size
         self.max_batch_size = max_batch_size
         self.buckets = buckets
@@ -152,12 +166,12 @@ class BatchSizer:
         self._decided(num_feedback)
         return fold_tail(self.size, remaining, self.min_batch_size, self.max_batch_size, chunk_size)
 
-    def count_batches(self, epoch_length: int, drop_last: bool) -> int:
+    def count_batches(self, epoch_length: int) -> int:
         """Batches in an epoch when the size cannot change."""
         remaining, count = epoch_length, 0
         while remaining > 0:
             size = fold_tail(self.size, remaining, self.min_batch_size, self.max_batch_size)
-            count += not (size == remaining < self.min_batch_size and drop_last)
+            count += not (size == remaining < self.min_batch_size and self.drop_last)
             remaining -= size
         return count
 
