@@ -28,7 +28,7 @@ from .load import IndexedDataset, IndexedSample, fetch_batch
 from .probe import HeadProbe, find_head
 from .sample import AdaptiveBatchSampler, SizeBuckets, fold_tail
 from .select import SubsetFilter
-from .train import BatchSizeLR, PerLayerBackward
+from .train import BatchSizeLR, PerLayerBackward, StepFeedback, WeightedLoss
 
 __version__ = "0.2.0"
 
@@ -50,7 +50,9 @@ __all__ = [
     "Reason",
     "Selection",
     "SizeBuckets",
+    "StepFeedback",
     "SubsetFilter",
+    "WeightedLoss",
     "__version__",
     "fetch_batch",
     "find_head",

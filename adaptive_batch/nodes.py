@@ -1,5 +1,6 @@
 """``torchdata.nodes`` nodes (``pip install 'adaptive-batch[torchdata]'``)."""
 
 from .select.node import SubsetFilterNode
+from .train.node import StepFeedbackNode
 
-__all__ = ["SubsetFilterNode"]
+__all__ = ["StepFeedbackNode", "SubsetFilterNode"]

@@ -19,7 +19,14 @@ MODULES = (
     "adaptive_batch.probe",
     "adaptive_batch.nodes",
 )
-SKIP = {"__version__", "selection_rule_of", "sizing_rule_of", "probe_scope_of", "layer_rule_of"}
+SKIP = {
+    "__version__",
+    "selection_rule_of",
+    "sizing_rule_of",
+    "probe_scope_of",
+    "layer_rule_of",
+    "plan_rule_of",
+}
 
 
 def _public(module_name: str) -> list[tuple[str, Any]]:

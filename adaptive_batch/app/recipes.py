@@ -1,4 +1,4 @@
-"""Recipes: how each named policy is wired into a run (its caps, its learning-rate coupling).
+"""Recipes: how each named policy is wired into a run (its stage, caps and learning-rate coupling).
 
 The demo and the benchmarks build every run from a recipe, so the settings of each method live
 in one place, each with the source of its numbers.
@@ -18,12 +18,14 @@ from adaptive_batch.policies import (
     Constant,
     GeoDamp,
     GradientNoiseScale,
+    InfoBatch,
     PadaDamp,
-    Policy,
     SelectiveBackprop,
+    SmallLoss,
+    StaleSelectiveBackprop,
 )
 
-__all__ = ["POLICY_NAMES", "Recipe", "recipe"]
+__all__ = ["POLICY_NAMES", "STAGES", "Recipe", "recipe"]
 
 POLICY_NAMES = (
     "constant",
@@ -36,25 +38,39 @@ POLICY_NAMES = (
     "geodamp",
     "arbiter",
     "gns",
+    "gns-free",
     "selective-backprop",
+    "stale-sb",
+    "infobatch",
+    "infobatch-no-rescale",
+    "small-loss",
+    "small-loss-lookahead",
 )
+#: How a recipe's feedback reaches the sampler: a look-ahead probe in a SubsetFilter, the training
+#: step's own forward (StepFeedback: no extra forward), or DBA's per-layer backward.
+STAGES = ("look_ahead", "training_step", "per_layer")
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """A policy and the sampler settings and learning-rate coupling it runs with.
+    """A policy and the stage, sampler settings and learning-rate coupling it runs with.
 
-    ``per_layer`` marks a policy applied by :class:`~adaptive_batch.PerLayerBackward` instead of
-    a :class:`~adaptive_batch.SubsetFilter`.
+    ``weighted`` marks a policy whose epoch plan weighs samples (InfoBatch): the run's loss then
+    goes through ``StepFeedback.weighted``.
     """
 
     name: str
     policy: Any
+    stage: str = "look_ahead"
     batch_size: int = 100
     min_batch_size: int = 10
     max_batch_size: int = 1000
     lr_rule: str | None = None
-    per_layer: bool = False
+    weighted: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return self.stage == "per_layer"
 
     def sampler_kwargs(self) -> dict[str, int]:
         return {
@@ -64,27 +80,46 @@ class Recipe:
         }
 
 
-def recipe(name: str, *, seed: int, lr: float, total_candidates: int) -> Recipe:
+def recipe(
+    name: str,
+    *,
+    seed: int,
+    lr: float,
+    total_candidates: int,
+    epochs: int | None = None,
+    epoch_size: int | None = None,
+    batch_size: int = 100,
+) -> Recipe:
     """The recipe for ``name`` (one of :data:`POLICY_NAMES`).
 
     Args:
         seed: seeds the policy's own randomness.
         lr: the optimizer's base learning rate (CABS and Arbiter need it).
         total_candidates: candidates over the whole run (Selective-Backprop's active window).
+        epochs: the run's length in epochs (InfoBatch's annealing, stale-SB's window).
+        epoch_size: candidates per epoch (the look-ahead small-loss rule's warm-up).
+        batch_size: the (starting) batch size of the recipes that keep the baseline's.
 
     Start 100 within caps 10 and 1000 (EDBA's) unless the method's paper says otherwise: CABS
-    starts at 16 within 16 and 2048; Arbiter's agent spans 8 to 512.
+    starts at 16 within 16 and 2048; Arbiter's agent spans 8 to 512. The epoch plans (InfoBatch,
+    small-loss, stale-SB) keep the run's batch size and change only which samples each epoch
+    draws.
     """
+    constant = {
+        "batch_size": batch_size,
+        "min_batch_size": batch_size,
+        "max_batch_size": batch_size,
+    }
     if name == "constant":
-        return Recipe(name, Constant())
+        return Recipe(name, Constant(), **constant)
     if name == "edba":
         return Recipe(name, EDBA(seed=seed))
     if name == "edba-selection":
         # EDBA's subset selection on candidate batches of a constant size: separates what the
         # selection does from what EDBA's growing batch does.
-        return Recipe(name, Policy(selection=EDBA(seed=seed).selection, sizing=Constant()))
+        return Recipe(name, EDBA(seed=seed).selection, **constant)
     if name == "dba":
-        return Recipe(name, DBA(), per_layer=True)
+        return Recipe(name, DBA(), stage="per_layer")
     if name == "cabs":
         return Recipe(name, CABS(lr=lr), batch_size=16, min_batch_size=16, max_batch_size=2048)
     if name in ("adadamp", "padadamp", "geodamp"):
@@ -94,8 +129,24 @@ def recipe(name: str, *, seed: int, lr: float, total_candidates: int) -> Recipe:
         return Recipe(name, Arbiter(lr=lr, seed=seed), min_batch_size=8, max_batch_size=512)
     if name == "gns":
         return Recipe(name, GradientNoiseScale(), lr_rule="adascale")
+    if name == "gns-free":  # the same rule, fed by the training step: no extra forward
+        return Recipe(name, GradientNoiseScale(), stage="training_step", lr_rule="adascale")
     if name == "selective-backprop":
         return Recipe(
-            name, SelectiveBackprop(keep=0.5, total_candidates=total_candidates, seed=seed)
+            name,
+            SelectiveBackprop(keep=0.5, total_candidates=total_candidates, seed=seed),
+            **constant,
         )
+    if name == "stale-sb":
+        plan = StaleSelectiveBackprop(keep=0.5, num_epochs=epochs)
+        return Recipe(name, plan, stage="training_step", **constant)
+    if name in ("infobatch", "infobatch-no-rescale"):
+        rescale = name == "infobatch"
+        plan = InfoBatch(prune_ratio=0.5, delta=0.875, num_epochs=epochs, rescale=rescale)
+        return Recipe(name, plan, stage="training_step", weighted=rescale, **constant)
+    if name == "small-loss":
+        return Recipe(name, SmallLoss(), stage="training_step", **constant)
+    if name == "small-loss-lookahead":
+        policy = SmallLoss(stage="look_ahead", epoch_size=epoch_size or total_candidates)
+        return Recipe(name, policy, **constant)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")

@@ -40,6 +40,9 @@ class FeedbackSink(Protocol):
 
     def load_feedback_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    def weights_of(self, indices: Tensor) -> Tensor | None:
+        """The current epoch plan's training weights of these dataset indices (``None``: all 1)."""
+
 
 @runtime_checkable
 class ChunkPlanner(Protocol):

@@ -24,12 +24,14 @@ from torch import Tensor
 from ..errors import AdaptiveBatchError, renamed_arguments
 
 __all__ = [
+    "EpochPlan",
     "Feedback",
     "GradientNoise",
     "LayerSelection",
     "ProbeResult",
     "Progress",
     "Reason",
+    "ScoreTable",
     "Selection",
 ]
 
@@ -46,8 +48,9 @@ class Reason:
     SINGLE_SAMPLE = "single_sample"  #: a one-sample batch has no proper subset to choose
     NONFINITE = "nonfinite"  #: a loss or gradient statistic was NaN or inf
     DEGENERATE = "degenerate"  #: the score was undefined for every candidate subset
+    UNMEASURED = "unmeasured"  #: the training step's forward of the batch was not seen
 
-    ALL = (SELECTED, KEEP_ALL, WARMUP, SINGLE_SAMPLE, NONFINITE, DEGENERATE)
+    ALL = (SELECTED, KEEP_ALL, WARMUP, SINGLE_SAMPLE, NONFINITE, DEGENERATE, UNMEASURED)
 
 
 @dataclass(frozen=True)
@@ -187,23 +190,39 @@ class LayerSelection:
 
 @dataclass(frozen=True)
 class Feedback:
-    """What a filter reports to the sampler about one candidate batch.
+    """What a stage reports to the sampler about one candidate batch.
 
     Attributes:
         kept: dataset indices of the samples trained on (CPU ``long``).
         dropped: dataset indices of the candidates left out (CPU ``long``).
         reason: the selection's :class:`Reason`.
-        stats: the probe's batch statistics and the selection rule's own numbers. A
-            :class:`~adaptive_batch.SubsetFilter` always reports ``loss`` (mean candidate loss),
-            ``grad_sq_norm`` (``||mean g||^2`` over the candidates), ``grad_variance`` (trace of
-            the per-sample gradient covariance) and ``kept_grad_sq_norm`` (``||mean g||^2`` over
-            the kept samples).
+        stats: batch statistics and the selection rule's own numbers. Both
+            :class:`~adaptive_batch.SubsetFilter` and :class:`~adaptive_batch.StepFeedback` report
+            ``loss`` (mean candidate loss), ``grad_sq_norm`` (``||mean g||^2`` of the per-sample
+            head gradients) and ``grad_variance`` (the trace of their covariance); the filter adds
+            ``kept_grad_sq_norm`` (``||mean g||^2`` over the kept samples).
+        losses: per-sample losses of the candidates, in the order of :attr:`candidates` (kept,
+            then dropped), or ``None``. The sampler keeps each index's latest loss for epoch
+            plans (:class:`ScoreTable`).
     """
 
     kept: Tensor
     dropped: Tensor
     reason: str = Reason.KEEP_ALL
     stats: Mapping[str, float] = field(default_factory=dict)
+    losses: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.losses is not None and self.losses.shape != (self.batch_size,):
+            raise AdaptiveBatchError(
+                f"feedback losses must have one entry per candidate ({self.batch_size}); got "
+                f"shape {tuple(self.losses.shape)}"
+            )
+
+    @property
+    def candidates(self) -> Tensor:
+        """Every candidate's dataset index: the kept, then the dropped."""
+        return torch.cat([self.kept.flatten(), self.dropped.flatten()])
 
     @property
     def batch_size(self) -> int:
@@ -248,6 +267,58 @@ class Progress:
     @property
     def completed_epochs(self) -> int:
         return self.candidates // self.epoch_size
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """What the sampler knows of each index of its index set (positions as in
+    ``sampler.indices``): what an epoch plan decides from.
+
+    Attributes:
+        losses: ``float32``: the latest per-sample loss feedback reported (``nan`` if none yet).
+        times_scored: ``int32``: how many losses were reported for the index.
+        times_kept, times_dropped: ``int32``: how often feedback kept or dropped it.
+    """
+
+    losses: Tensor
+    times_scored: Tensor
+    times_kept: Tensor
+    times_dropped: Tensor
+
+    @property
+    def scored(self) -> Tensor:
+        """``bool``: the indices with a loss."""
+        return self.times_scored > 0
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which indices of the index set an epoch draws, and with what training weight.
+
+    Attributes:
+        drawn: ``bool`` over the index set: the indices the epoch draws (the sampler shuffles
+            them with the epoch's seed and shares them among the ranks).
+        weights: ``float32`` over the index set, or ``None`` (all 1): the weight a sample's loss
+            should get when trained this epoch (InfoBatch's ``1 / (1 - r)`` for kept
+            well-learned samples keeps the expected gradient unchanged).
+        stats: numbers the rule measured (how many it dropped, its threshold...).
+    """
+
+    drawn: Tensor
+    weights: Tensor | None = None
+    stats: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.drawn.dtype != torch.bool or self.drawn.dim() != 1:
+            raise AdaptiveBatchError("an epoch plan's drawn must be a 1-D bool tensor")
+        if self.weights is not None and self.weights.shape != self.drawn.shape:
+            raise AdaptiveBatchError("an epoch plan's weights must match drawn in shape")
+        if not bool(self.drawn.any()):
+            raise AdaptiveBatchError("an epoch plan must draw at least one index")
+
+    @classmethod
+    def everything(cls, size: int, **stats: float) -> EpochPlan:
+        return cls(torch.ones(size, dtype=torch.bool), None, stats)
 
 
 class GradientNoise(NamedTuple):

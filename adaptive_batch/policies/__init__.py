@@ -6,6 +6,7 @@ Every name here is a plain object over tensors and numbers: rules import neither
 
 from .arbiter import Arbiter
 from .base import (
+    EpochPlanRule,
     KeepAll,
     LayerSelectionRule,
     Policy,
@@ -13,6 +14,7 @@ from .base import (
     SizingRule,
     Stateless,
     layer_rule_of,
+    plan_rule_of,
     probe_scope_of,
     selection_rule_of,
     sizing_rule_of,
@@ -23,7 +25,9 @@ from .damp import AdaDamp, GeoDamp, PadaDamp
 from .dba import DBA, DBASelection, DBASizing
 from .edba import EDBA, EDBASelection, EDBASizing
 from .gns import GradientNoiseScale
-from .selective_backprop import SelectiveBackprop
+from .infobatch import InfoBatch
+from .selective_backprop import SelectiveBackprop, StaleSelectiveBackprop
+from .small_loss import SmallLoss, SmallLossPlan, SmallLossSelection
 
 __all__ = [
     "CABS",
@@ -36,8 +40,10 @@ __all__ = [
     "DBASizing",
     "EDBASelection",
     "EDBASizing",
+    "EpochPlanRule",
     "GeoDamp",
     "GradientNoiseScale",
+    "InfoBatch",
     "KeepAll",
     "LayerSelectionRule",
     "PadaDamp",
@@ -45,8 +51,13 @@ __all__ = [
     "SelectionRule",
     "SelectiveBackprop",
     "SizingRule",
+    "SmallLoss",
+    "SmallLossPlan",
+    "SmallLossSelection",
+    "StaleSelectiveBackprop",
     "Stateless",
     "layer_rule_of",
+    "plan_rule_of",
     "probe_scope_of",
     "selection_rule_of",
     "sizing_rule_of",

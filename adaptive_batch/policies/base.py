@@ -7,6 +7,7 @@ A selection rule has ``select(ProbeResult) -> Selection``; a sizing rule has
 """
 
 from ..contract import (
+    EpochPlanRule,
     KeepAll,
     LayerSelectionRule,
     Policy,
@@ -14,12 +15,14 @@ from ..contract import (
     SizingRule,
     Stateless,
     layer_rule_of,
+    plan_rule_of,
     probe_scope_of,
     selection_rule_of,
     sizing_rule_of,
 )
 
 __all__ = [
+    "EpochPlanRule",
     "KeepAll",
     "LayerSelectionRule",
     "Policy",
@@ -27,6 +30,7 @@ __all__ = [
     "SizingRule",
     "Stateless",
     "layer_rule_of",
+    "plan_rule_of",
     "probe_scope_of",
     "selection_rule_of",
     "sizing_rule_of",

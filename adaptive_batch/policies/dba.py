@@ -177,6 +177,8 @@ class DBASizing:
     are ours.
     """
 
+    feedback_source = "per_layer"  # kept_fraction comes from PerLayerBackward
+
     @renamed_arguments(decay="ema_decay")
     def __init__(self, *, target_fraction: float = 0.75, ema_decay: float = 0.9) -> None:
         if not 0.0 < target_fraction <= 1.0:

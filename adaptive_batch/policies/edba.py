@@ -189,6 +189,8 @@ class EDBASizing(Stateless):
     :class:`EDBASelection` reports.
     """
 
+    feedback_source = "look_ahead"  # the margin statistics come from EDBASelection's probe
+
     def __init__(self, *, factor: float = 1.1) -> None:
         if not factor > 1.0:
             raise AdaptiveBatchError(f"factor must exceed 1; got {factor}")

@@ -1,4 +1,6 @@
-"""SelectiveBackprop: keep high-loss samples (Jiang et al.; Composer's maintained version)."""
+"""Selective-Backprop: keep high-loss samples (Jiang et al. 2019; Composer's maintained version),
+with a fresh look-ahead loss (:class:`SelectiveBackprop`) or the stale loss of the last time each
+sample was trained (:class:`StaleSelectiveBackprop`, an epoch plan: no extra forward)."""
 
 from __future__ import annotations
 
@@ -7,10 +9,31 @@ from typing import Any
 
 import torch
 
-from ..contract import ProbeResult, Reason, Selection, require_keys
+from ..contract import (
+    EpochPlan,
+    ProbeResult,
+    Reason,
+    ScoreTable,
+    Selection,
+    Stateless,
+    require_keys,
+)
 from ..errors import AdaptiveBatchError, renamed_arguments
 
-__all__ = ["SelectiveBackprop"]
+__all__ = ["SelectiveBackprop", "StaleSelectiveBackprop", "percentile_weights"]
+
+
+def percentile_weights(size: int, keep: float) -> torch.Tensor:
+    """``q ** (1 / keep - 1)`` for the loss percentiles ``q = (rank + 0.5) / size``, ranks
+    ascending: the selection probability of each rank. Their mean is about ``keep``
+    (``integral of q ** beta = 1 / (beta + 1)``).
+
+    Example:
+        >>> percentile_weights(4, 0.5).tolist()  # keep 0.5: beta = 1, the percentile itself
+        [0.125, 0.375, 0.625, 0.875]
+    """
+    percentiles = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    return percentiles ** (1.0 / keep - 1.0)
 
 
 class SelectiveBackprop:
@@ -70,8 +93,7 @@ class SelectiveBackprop:
         if not bool(losses.isfinite().all()):
             return Selection.keep_all(size, Reason.NONFINITE)
         order = losses.argsort(stable=True)  # ascending loss: rank 0 is the lowest
-        percentiles = (torch.arange(size, dtype=torch.float64) + 0.5) / size
-        weights = percentiles ** (1.0 / self.keep - 1.0)
+        weights = percentile_weights(size, self.keep)
         count = max(1, round(self.keep * size))
         ranks = torch.multinomial(weights, count, replacement=False, generator=self._generator)
         kept = order[ranks]
@@ -94,3 +116,68 @@ def _mean_or_nan(losses: torch.Tensor, kept: torch.Tensor) -> float:
     mask = torch.ones(losses.numel(), dtype=torch.bool)
     mask[kept] = False
     return float(losses[mask].mean()) if bool(mask.any()) else math.nan
+
+
+class StaleSelectiveBackprop(Stateless):
+    """Stale Selective-Backprop as an epoch plan: each epoch draws each sample with probability
+    ``q ** (1 / keep - 1)``, ``q`` the percentile of its latest loss (from the last time it was
+    trained: no extra forward), so about ``keep`` of the data, the high-loss samples most often.
+
+    Jiang et al.'s Stale-SB reuses the previous epoch's losses instead of a new forward (a
+    further ~26% faster in their measurements). Samples without a loss are always drawn, as are
+    all samples before ``start_epoch`` (1: the first epoch scores every sample) and from ``end``
+    of ``num_epochs`` on (0.9, Composer's end of the active window).
+
+    Args:
+        keep: the fraction of the data each epoch draws (0.5, Composer's default).
+        start_epoch: the first epoch that selects.
+        end: the fraction of ``num_epochs`` after which every epoch draws everything.
+        num_epochs: the run's length (``None``: select until the end).
+
+    Example:
+        >>> import torch
+        >>> from adaptive_batch.contract import ScoreTable
+        >>> losses = torch.arange(1000.0)
+        >>> scores = ScoreTable(losses, torch.ones(1000, dtype=torch.int32), torch.zeros(1000, dtype=torch.int32), torch.zeros(1000, dtype=torch.int32))
+        >>> plan = StaleSelectiveBackprop(keep=0.5).plan(1, scores, torch.Generator().manual_seed(0))
+        >>> round(plan.drawn.float().mean().item(), 1), bool(plan.drawn[900:].float().mean() > 0.8)
+        (0.5, True)
+    """
+
+    def __init__(
+        self,
+        keep: float = 0.5,
+        *,
+        start_epoch: int = 1,
+        end: float = 0.9,
+        num_epochs: int | None = None,
+    ) -> None:
+        if not 0.0 < keep <= 1.0:
+            raise AdaptiveBatchError(f"keep must lie in (0, 1]; got {keep}")
+        if start_epoch < 0 or not 0.0 <= end <= 1.0:
+            raise AdaptiveBatchError(
+                f"need start_epoch >= 0 and 0 <= end <= 1; got {start_epoch}, {end}"
+            )
+        self.keep = keep
+        self.start_epoch = start_epoch
+        self.end = end
+        self.num_epochs = num_epochs
+
+    def selects(self, epoch: int) -> bool:
+        past_end = self.num_epochs is not None and epoch >= self.end * self.num_epochs
+        return self.start_epoch <= epoch and not past_end
+
+    def plan(self, epoch: int, scores: ScoreTable, generator: torch.Generator) -> EpochPlan:
+        size = scores.losses.numel()
+        scored = (scores.scored & scores.losses.isfinite()).nonzero().flatten()
+        if not self.selects(epoch) or scored.numel() < 2:
+            return EpochPlan.everything(size, drawn_fraction=1.0)
+        order = scores.losses[scored].argsort(stable=True)
+        probability = torch.empty(scored.numel(), dtype=torch.float64)
+        probability[order] = percentile_weights(scored.numel(), self.keep)
+        chosen = torch.rand(scored.numel(), generator=generator, dtype=torch.float64) < probability
+        if not bool(chosen.any()):
+            chosen[order[-1]] = True
+        drawn = torch.ones(size, dtype=torch.bool)
+        drawn[scored] = chosen
+        return EpochPlan(drawn, None, {"drawn_fraction": float(drawn.float().mean())})

@@ -7,7 +7,14 @@ chunks otherwise (:class:`PerSampleGradients`). Losses are looked up by name in
 :data:`~.losses.LOSSES` (``"cross_entropy"``, ``"mse"``) or given as callables.
 """
 
-from .head_gradients import CLOSED_FORMS, functorch_gram, linear_head_gram, register_closed_form
+from .head_gradients import (
+    CLOSED_FORMS,
+    functorch_gram,
+    gradient_moments,
+    linear_head_gram,
+    linear_head_moments,
+    register_closed_form,
+)
 from .head_probe import HeadProbe, call_model, find_head, to_device
 from .losses import LOSSES, HeadLoss, LossFn, register_loss, resolve_loss
 from .per_sample import PerSampleGradients
@@ -22,7 +29,9 @@ __all__ = [
     "call_model",
     "find_head",
     "functorch_gram",
+    "gradient_moments",
     "linear_head_gram",
+    "linear_head_moments",
     "register_closed_form",
     "register_loss",
     "resolve_loss",

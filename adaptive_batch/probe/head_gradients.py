@@ -22,7 +22,9 @@ __all__ = [
     "CLOSED_FORMS",
     "closed_form_for",
     "functorch_gram",
+    "gradient_moments",
     "linear_head_gram",
+    "linear_head_moments",
     "register_closed_form",
 ]
 
@@ -95,6 +97,63 @@ def _linear(head: nn.Module, features: Tensor, delta: Callable[[], Tensor]) -> T
         weight_term=head.weight.requires_grad,
         bias_term=head.bias is not None and head.bias.requires_grad,
     )
+
+
+def linear_head_moments(
+    features: Tensor, delta: Tensor, *, weight_term: bool = True, bias_term: bool = True
+) -> tuple[Tensor, Tensor]:
+    """``([B] ||g_i||^2, ||mean_i g_i||^2)`` of a linear head's per-sample gradients in
+    ``O(B (C + D))`` memory: what sizing rules need, without a ``B x B`` Gram matrix.
+
+    ``||g_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``; the mean gradient is ``delta^T [a, 1] / B``
+    (the head's own gradient shape, ``C x (D + 1)``), or, where that is larger than the batch's
+    Gram matrix, the Gram matrix's mean.
+
+    Example:
+        >>> import torch
+        >>> a, d = torch.tensor([[1.0, 2.0], [0.0, 1.0]]), torch.tensor([[0.5, -0.5], [1.0, 0.0]])
+        >>> norms, mean = linear_head_moments(a, d)
+        >>> norms.tolist(), mean.item()  # 0.5 * 6, 1 * 2; (3 + 2 + 2 * g_0 . g_1) / 4, g_0 . g_1 = 1.5
+        ([3.0, 2.0], 2.0)
+    """
+    if features.dim() != 2 or delta.dim() != 2 or features.shape[0] != delta.shape[0]:
+        raise AdaptiveBatchError(
+            f"linear_head_moments needs [B, D] features and [B, C] deltas; got "
+            f"{tuple(features.shape)} and {tuple(delta.shape)}"
+        )
+    batch, width = features.shape
+    classes = delta.shape[1]
+    inner = features.square().sum(1) if weight_term else features.new_zeros(batch)
+    sq_norms = delta.square().sum(1) * (inner + float(bias_term))
+    if classes * width <= batch * batch:
+        mean_sq = delta.new_zeros(())
+        if weight_term:
+            mean_sq = mean_sq + (delta.T @ features).square().sum() / batch**2
+        if bias_term:
+            mean_sq = mean_sq + delta.sum(0).square().sum() / batch**2
+    else:
+        gram = linear_head_gram(features, delta, weight_term=weight_term, bias_term=bias_term)
+        mean_sq = gram.sum() / batch**2
+    return sq_norms, mean_sq.clamp_min(0.0)
+
+
+def gradient_moments(
+    head: nn.Module, features: Tensor, delta: Callable[[], Tensor]
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`linear_head_moments` for a linear head with ``[B, D]`` inputs; else the moments of
+    the registered closed-form Gram matrix; ``None`` for a head with neither."""
+    if isinstance(head, nn.Linear) and features.dim() == 2:
+        return linear_head_moments(
+            features,
+            delta(),
+            weight_term=head.weight.requires_grad,
+            bias_term=head.bias is not None and head.bias.requires_grad,
+        )
+    closed = closed_form_for(head)
+    gram = closed(head, features, delta) if closed is not None else None
+    if gram is None:
+        return None
+    return gram.diagonal(), (gram.sum() / gram.shape[0] ** 2).clamp_min(0.0)
 
 
 @renamed_arguments(max_numel="max_grad_numel")

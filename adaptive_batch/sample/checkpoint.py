@@ -29,6 +29,7 @@ def sampler_config(sampler: AdaptiveBatchSampler) -> dict[str, Any]:
         "buckets": repr(sampler.buckets),
         "num_replicas": sampler.num_replicas,
         "sizing": type(sampler.sizing).__name__ if sampler.sizing is not None else None,
+        "planning": type(sampler.planning).__name__ if sampler.planning is not None else None,
     }
 
 
@@ -40,7 +41,7 @@ def check_state(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]
         raise AdaptiveBatchError(
             f"unsupported AdaptiveBatchSampler state version {state.get('version')!r}"
         )
-    saved = state["config"]
+    saved = {"planning": None, **state["config"]}  # checkpoints before epoch plans had none
     differing = sorted(k for k in config if config[k] != saved.get(k))
     if differing:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, here {config[k]!r}" for k in differing)

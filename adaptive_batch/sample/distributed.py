@@ -99,10 +99,17 @@ class RankSync:
         return [p for _, _, p in gathered]
 
     def start(
-        self, config: dict[str, Any] | None, epoch: int, position: int, reporting: bool
+        self, config: dict[str, Any] | None, epoch: int, position: int, reporting: bool, plan: str
     ) -> None:
-        """A pass starts: every rank must be configured alike, at the same epoch and position."""
-        payload = {"config": config, "epoch": epoch, "position": position, "reporting": reporting}
+        """A pass starts: every rank must be configured alike, at the same epoch and position,
+        with the same epoch plan (``plan`` is its digest)."""
+        payload = {
+            "config": config,
+            "epoch": epoch,
+            "position": position,
+            "reporting": reporting,
+            "plan": plan,
+        }
         payloads = self.exchange(START, payload)
         first = payloads[0]
         for rank, other in enumerate(payloads):
@@ -122,6 +129,12 @@ class RankSync:
                 raise AdaptiveBatchError(
                     f"the ranks' samplers are out of step: {_where(0, START, first)}; "
                     f"{_where(rank, START, other)}. {FIX}"
+                )
+            if other["plan"] != first["plan"]:
+                raise AdaptiveBatchError(
+                    f"rank {rank} planned epoch {epoch} differently from rank 0: the ranks' score "
+                    "tables differ (every rank must report the feedback of every batch, and "
+                    "resume from the same checkpoint)"
                 )
             if other["reporting"] != first["reporting"]:
                 without = ", ".join(str(r) for r, p in enumerate(payloads) if not p["reporting"])
@@ -154,9 +167,11 @@ def merge_for_sizing(items: list[Feedback]) -> Feedback:
 
 def cpu_feedback(feedback: Feedback) -> Feedback:
     """A copy with CPU tensors and plain floats, cheap to pickle for a gather."""
+    losses = feedback.losses
     return Feedback(
         kept=feedback.kept.to("cpu", torch.long).flatten(),
         dropped=feedback.dropped.to("cpu", torch.long).flatten(),
         reason=feedback.reason,
         stats={k: float(v) for k, v in feedback.stats.items()},
+        losses=None if losses is None else losses.detach().to("cpu", torch.float32),
     )

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..contract import require_keys
+from ..contract import ScoreTable, require_keys
 from ..errors import AdaptiveBatchError
 
 __all__ = ["FeedbackLedger"]
@@ -27,6 +27,8 @@ class FeedbackLedger:
     * ``pass_total`` (chunk mode): how many indices the pass that last handed the index out hands
       out from where it started, so the consumer of a chunk knows where its pass ends.
     * ``times_kept``, ``times_dropped``: what feedback said about the index (over all ranks).
+    * ``losses``, ``times_scored``: the latest per-sample loss feedback reported for the index
+      (``nan`` before any) and how many were reported: the scores epoch plans decide from.
 
     Attributes:
         num_feedback: feedback calls received (on this rank).
@@ -35,6 +37,8 @@ class FeedbackLedger:
 
     KEPT_KEY = "times_kept"
     DROPPED_KEY = "times_dropped"
+    LOSSES_KEY = "losses"
+    SCORED_KEY = "times_scored"
     FEEDBACK_KEY = "num_feedback"
     CANDIDATES_KEY = "num_candidates"
 
@@ -44,6 +48,8 @@ class FeedbackLedger:
         self.pass_totals: Tensor | None = None
         self.times_kept = torch.zeros(dataset_size, dtype=torch.int32)
         self.times_dropped = torch.zeros(dataset_size, dtype=torch.int32)
+        self.losses = torch.full((dataset_size,), float("nan"))
+        self.times_scored = torch.zeros(dataset_size, dtype=torch.int32)
         self.num_feedback = 0
         self.num_candidates = 0
 
@@ -91,11 +97,24 @@ class FeedbackLedger:
             )
         self.in_flight[indices] -= 1
 
-    def record(self, kept: Tensor, dropped: Tensor) -> None:
-        """Count one batch's feedback (from any rank)."""
+    def record(self, kept: Tensor, dropped: Tensor, losses: Tensor | None = None) -> None:
+        """Count one batch's feedback (from any rank); ``losses`` follow kept, then dropped."""
         self.times_kept[kept] += 1
         self.times_dropped[dropped] += 1
         self.num_candidates += kept.numel() + dropped.numel()
+        if losses is not None:
+            candidates = torch.cat([kept, dropped])
+            self.losses[candidates] = losses.to(torch.float32)
+            self.times_scored[candidates] += 1
+
+    def scores(self, indices: Tensor) -> ScoreTable:
+        """The columns epoch plans read, for ``indices`` (the index set), in their order."""
+        return ScoreTable(
+            losses=self.losses[indices],
+            times_scored=self.times_scored[indices],
+            times_kept=self.times_kept[indices],
+            times_dropped=self.times_dropped[indices],
+        )
 
     def clear_in_flight(self) -> None:
         self.in_flight.zero_()
@@ -114,6 +133,8 @@ class FeedbackLedger:
         return {
             self.KEPT_KEY: self.times_kept.clone(),
             self.DROPPED_KEY: self.times_dropped.clone(),
+            self.LOSSES_KEY: self.losses.clone(),
+            self.SCORED_KEY: self.times_scored.clone(),
             self.FEEDBACK_KEY: self.num_feedback,
             self.CANDIDATES_KEY: self.num_candidates,
         }
@@ -122,6 +143,9 @@ class FeedbackLedger:
         require_keys(self, state, (self.KEPT_KEY, self.DROPPED_KEY, self.FEEDBACK_KEY))
         self.times_kept = state[self.KEPT_KEY].clone()
         self.times_dropped = state[self.DROPPED_KEY].clone()
+        if self.LOSSES_KEY in state:  # version 2 checkpoints kept no scores
+            self.losses = state[self.LOSSES_KEY].clone()
+            self.times_scored = state[self.SCORED_KEY].clone()
         self.num_feedback = state[self.FEEDBACK_KEY]
         # Version 2 checkpoints called the candidates fed back "num_samples".
         self.num_candidates = state.get(self.CANDIDATES_KEY, state.get("num_samples", 0))

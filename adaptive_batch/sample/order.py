@@ -1,13 +1,15 @@
-"""IndexOrder: the index set, and the order in which each epoch draws it on this rank."""
+"""IndexOrder: the index set, which of it each epoch draws and in what order, on this rank."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence, Set
+from collections.abc import Callable, Sequence, Set
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..contract import EpochPlan, EpochPlanRule, ScoreTable
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
 
 __all__ = ["IndexOrder"]
@@ -16,18 +18,23 @@ __all__ = ["IndexOrder"]
 class IndexOrder:
     """Which dataset indices an epoch draws, in what order, and which of them are this rank's.
 
-    An epoch's *plan* is the sequence of indices the whole job draws in that epoch: by default the
-    index set in a permutation seeded by ``seed + epoch`` (or in its given order without
-    ``shuffle``). Every rank computes the same plan and takes its share: rank ``r`` of ``R`` takes
-    ``plan[r::R]`` of the plan's first ``R * (len(plan) // R)`` indices, so shards are disjoint
-    and equal; the ``len(plan) % R`` left over rotate with the shuffle. A plan is a pure function
-    of the epoch, so a checkpoint stores the epoch and a position, never the plan.
+    An epoch's *plan* says which indices of the index set the epoch draws (all of them, unless an
+    epoch-plan rule decides otherwise from the per-index scores) and with what weight. It is
+    decided once per epoch, when the epoch is first needed (its first pass, or ``len()``), and
+    kept: a checkpoint stores it, so a resumed run draws exactly what the uninterrupted run drew.
+    The drawn indices are then shuffled by ``seed + epoch`` (or kept in the index set's order
+    without ``shuffle``); every rank computes the same order and takes its share: rank ``r`` of
+    ``R`` takes ``order[r::R]`` of the first ``R * (len(order) // R)``, so shards are disjoint and
+    equal; the ``len(order) % R`` left over rotate with the shuffle.
 
     Example:
         >>> order = IndexOrder(10, [9, 3, 5, 1], shuffle=False, seed=0, num_replicas=2, rank=1)
         >>> order.epoch_indices(0).tolist()
         [3, 1]
     """
+
+    PLANS_KEY = "plans"
+    RULE_KEY = "rule"
 
     def __init__(
         self,
@@ -38,6 +45,8 @@ class IndexOrder:
         seed: int,
         num_replicas: int,
         rank: int,
+        rule: EpochPlanRule | None = None,
+        scores: Callable[[Tensor], ScoreTable] | None = None,
     ) -> None:
         self.dataset_size = dataset_size
         self.indices = self.check_indices(indices, dataset_size)
@@ -45,10 +54,13 @@ class IndexOrder:
         self.seed = seed
         self.num_replicas = num_replicas
         self.rank = rank
+        self.rule = rule
+        self.scores = scores
         if self.indices.numel() // num_replicas < 1:
             raise AdaptiveBatchError(
                 f"{self.indices.numel()} indices cannot give each of {num_replicas} replicas one"
             )
+        self._plans: dict[int, EpochPlan] = {}
         self._cached: tuple[int, Tensor] | None = None
 
     @staticmethod
@@ -77,28 +89,92 @@ class IndexOrder:
             raise AdaptiveBatchError("indices contains duplicates; each index may appear once")
         return tensor.clone()
 
-    def plan(self, epoch: int) -> Tensor:
-        """The indices the whole job draws in ``epoch``, in order (the same on every rank)."""
-        if not self.shuffle:
-            return self.indices
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        return self.indices[torch.randperm(self.indices.numel(), generator=generator)]
+    def decide(self, epoch: int) -> EpochPlan:
+        """The plan of ``epoch``: decided now if it was not yet (by the rule, from the scores)."""
+        if epoch not in self._plans:
+            size = self.indices.numel()
+            if self.rule is None:
+                plan = EpochPlan.everything(size)
+            else:
+                assert self.scores is not None
+                generator = torch.Generator().manual_seed((self.seed + 7919 * (epoch + 1)) % 2**62)
+                plan = self.rule.plan(epoch, self.scores(self.indices), generator)
+                if plan.drawn.shape != (size,):
+                    raise AdaptiveBatchError(
+                        f"{type(self.rule).__name__} planned {plan.drawn.numel()} entries for an "
+                        f"index set of {size}"
+                    )
+                if int(plan.drawn.sum()) < self.num_replicas:
+                    raise AdaptiveBatchError(
+                        f"{type(self.rule).__name__} planned {int(plan.drawn.sum())} indices for "
+                        f"epoch {epoch}: fewer than the {self.num_replicas} replicas"
+                    )
+            self._plans[epoch] = plan
+            for old in sorted(self._plans)[:-3]:  # keep the few epochs a pass can still be in
+                del self._plans[old]
+        return self._plans[epoch]
 
-    def shard(self, plan: Tensor) -> Tensor:
-        """This rank's share of a plan."""
-        share = plan.numel() // self.num_replicas
-        return plan[: share * self.num_replicas][self.rank :: self.num_replicas]
+    def order(self, epoch: int) -> Tensor:
+        """The indices the whole job draws in ``epoch``, in order (the same on every rank)."""
+        plan = self.decide(epoch)
+        drawn = self.indices if bool(plan.drawn.all()) else self.indices[plan.drawn]
+        if not self.shuffle:
+            return drawn
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        return drawn[torch.randperm(drawn.numel(), generator=generator)]
+
+    def shard(self, order: Tensor) -> Tensor:
+        """This rank's share of an epoch's order."""
+        share = order.numel() // self.num_replicas
+        return order[: share * self.num_replicas][self.rank :: self.num_replicas]
 
     def epoch_indices(self, epoch: int) -> Tensor:
         """This rank's indices for ``epoch``, in the order they are drawn."""
         if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self.shard(self.plan(epoch)))
+            self._cached = (epoch, self.shard(self.order(epoch)))
         return self._cached[1]
 
-    def epoch_length(self, epoch: int) -> int:
-        """How many indices this rank draws in ``epoch``."""
-        return self.indices.numel() // self.num_replicas
+    def epoch_length(self, epoch: int | None = None) -> int:
+        """How many indices this rank draws in ``epoch`` (deciding its plan); without an epoch,
+        in the latest epoch already planned (the whole share before any plan)."""
+        if epoch is None:
+            plans = [self._plans[e] for e in sorted(self._plans)]
+            drawn = int(plans[-1].drawn.sum()) if plans else self.indices.numel()
+        else:
+            drawn = int(self.decide(epoch).drawn.sum())
+        return drawn // self.num_replicas
 
-    def digest(self) -> str:
-        """A short fingerprint of the index set (checkpoints and ranks compare it)."""
-        return hashlib.sha1(self.indices.numpy().tobytes()).hexdigest()[:16]
+    def weights(self, epoch: int, dataset_indices: Tensor) -> Tensor | None:
+        """The plan's weights of these dataset indices in ``epoch`` (``None``: all 1)."""
+        plan = self._plans.get(epoch)
+        if plan is None or plan.weights is None:
+            return None
+        by_index = torch.ones(self.dataset_size)
+        by_index[self.indices] = plan.weights
+        return by_index[dataset_indices]
+
+    def digest(self, epoch: int | None = None) -> str:
+        """A short fingerprint of the index set (and of an epoch's plan): ranks compare it."""
+        data = self.indices.numpy().tobytes()
+        if epoch is not None:
+            data += self.decide(epoch).drawn.numpy().tobytes()
+        return hashlib.sha1(data).hexdigest()[:16]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            self.PLANS_KEY: {
+                epoch: {"drawn": p.drawn.clone(), "weights": p.weights, "stats": dict(p.stats)}
+                for epoch, p in self._plans.items()
+                if self.rule is not None
+            },
+            self.RULE_KEY: self.rule.state_dict() if self.rule is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._plans = {
+            int(epoch): EpochPlan(p["drawn"].clone(), p["weights"], p["stats"])
+            for epoch, p in state.get(self.PLANS_KEY, {}).items()
+        }
+        if self.rule is not None and state.get(self.RULE_KEY) is not None:
+            self.rule.load_state_dict(state[self.RULE_KEY])
+        self._cached = None

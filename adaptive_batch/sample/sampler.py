@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ..contract import Feedback, GradientNoise, Progress, sizing_rule_of
+from ..contract import Feedback, GradientNoise, Progress, plan_rule_of, sizing_rule_of
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from .buckets import SizeBuckets, as_buckets
 from .checkpoint import VERSION, check_state, sampler_config
@@ -32,8 +32,10 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     Args:
         data_source: the dataset (anything with ``len``) or its length.
-        policy: a :class:`~adaptive_batch.policies.Policy` or a sizing rule; ``None`` keeps
-            ``batch_size`` fixed. Only the sizing half is used here.
+        policy: a :class:`~adaptive_batch.policies.Policy`, a sizing rule or an epoch-plan rule;
+            ``None`` keeps ``batch_size`` fixed and draws the whole index set every epoch. The
+            sampler uses the sizing rule (the size of the next batch) and the plan rule (which
+            indices each epoch draws, from the losses feedback reports).
         batch_size: size of the first batch (EDBA's start: 100), per rank.
         min_batch_size, max_batch_size: caps on every size the policy asks for (EDBA's: 10, 1000).
         indices: the index set to draw from (a list or tensor, in the order used without
@@ -67,7 +69,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     """
 
     VERSION_KEY, CONFIG_KEY, EPOCH_KEY, PASS_KEY = "version", "config", "epoch", "pass"
-    SIZER_KEY, LEDGER_KEY, TAILS_KEY = "sizer", "ledger", "num_dropped_tails"
+    SIZER_KEY, LEDGER_KEY, TAILS_KEY, ORDER_KEY = "sizer", "ledger", "num_dropped_tails", "order"
 
     def __init__(
         self,
@@ -100,21 +102,22 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.dataset_size, self.policy = size, policy
         self._data_source = None if isinstance(data_source, int) else data_source
+        self.ledger = FeedbackLedger(size)
         self.order = IndexOrder(
-            size, indices, shuffle=shuffle, seed=seed, num_replicas=self.num_replicas, rank=self.rank
+            size, indices, shuffle=shuffle, seed=seed, num_replicas=self.num_replicas,
+            rank=self.rank, rule=plan_rule_of(policy), scores=self.ledger.scores,
         )  # fmt: skip
         self.sizer = BatchSizer(
             sizing_rule_of(policy), batch_size=batch_size, min_batch_size=min_batch_size,
             max_batch_size=max_batch_size, buckets=as_buckets(buckets), chunk_size=chunk_size,
-            drop_last=drop_last, epoch_length=self.order.epoch_length(0),
+            drop_last=drop_last, epoch_length=self.order.epoch_length(),
         )  # fmt: skip
-        self.ledger = FeedbackLedger(size)
-        self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.is_adaptive)
+        self._reporters, self._agreed, self._warned = 0, False, set[str]()
+        self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.expects_feedback)
         self._epoch = 0  # what the next fresh pass draws
         self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
         self.active: SamplerPass | None = None  # the pass that handed out the latest batch
         self._finished: SamplerPass | None = None  # the last pass that drew a whole epoch
-        self._reporters, self._agreed, self._warned = 0, False, set[str]()
         self.num_dropped_tails = 0
         self.last_feedback: Feedback | None = None
 
@@ -126,6 +129,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     max_batch_size = property(lambda self: self.sizer.max_batch_size)
     buckets = property(lambda self: self.sizer.buckets)
     sizing = property(lambda self: self.sizer.rule, doc="The policy's sizing rule (or ``None``).")
+    planning = property(lambda self: self.order.rule, doc="The policy's epoch-plan rule, or None.")
     is_adaptive = property(lambda self: self.sizer.is_adaptive, doc="Whether sizes can change.")
     indices = property(lambda self: self.order.indices, doc="The index set.")
     times_kept = property(lambda self: self.ledger.times_kept, doc="Per index: times kept.")
@@ -147,8 +151,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     @property
     def shard_size(self) -> int:
-        """Indices this rank draws in an epoch."""
-        return self.order.epoch_length(self._next_epoch())
+        """Indices this rank draws in the latest epoch planned."""
+        return self.order.epoch_length()
 
     @property
     def batch_size(self) -> int:
@@ -192,14 +196,15 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         """Batches (chunks, with a ``chunk_size``) per epoch; a ``TypeError`` when feedback decides
         it (torch's convention for an unknown length)."""
+        length = self.order.epoch_length(self._next_epoch())  # the epoch's plan, decided now
         if self.chunk_size is not None:
-            return -(-self.shard_size // self.chunk_size)
+            return -(-length // self.chunk_size)
         if self.is_adaptive:
             raise AdaptiveBatchTypeError(
                 "the number of batches of an AdaptiveBatchSampler with a sizing policy depends on "
                 "the feedback it will receive, so it has no len()"
             )
-        return self.sizer.count_batches(self.shard_size)
+        return self.sizer.count_batches(length)
 
     def pass_started(self, run: SamplerPass) -> None:
         """Called by a pass before it hands out its first batch."""
@@ -209,17 +214,20 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
                 f"{len(self._data_source)} since the sampler was built; build a new sampler for it"
             )
         last = self._finished
-        if last is not None and self.is_adaptive and self.num_feedback == last.reports_at_start:
+        adapts = self.is_adaptive or self.planning is not None
+        if last is not None and adapts and self.num_feedback == last.reports_at_start:
             self._warn_once(
                 "silent",
-                f"the sampler received no feedback during epoch {last.epoch}, so its batch size "
-                "never adapts: wrap the loader in SubsetFilter(loader, model, sampler=sampler), or "
-                "call sampler.feedback(...) after every batch",
+                f"the sampler received no feedback during epoch {last.epoch}, so its policy never "
+                "adapts: wrap the loader in SubsetFilter(loader, model, sampler=sampler) or "
+                "StepFeedback(loader, model, sampler=sampler), or call sampler.feedback(...) "
+                "after every batch",
             )
         run.reports_at_start = self.num_feedback
         if self.sync is not None and (self.expects_feedback or not self._agreed):
             config = None if self._agreed else sampler_config(self)
-            self.sync.start(config, run.epoch, run.position, self._reporters > 0)
+            plan = self.order.digest(run.epoch) if self.planning is not None else ""
+            self.sync.start(config, run.epoch, run.position, self._reporters > 0, plan)
             self._agreed = True
 
     def pass_finished(self, run: SamplerPass) -> None:
@@ -233,7 +241,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     @property
     def expects_feedback(self) -> bool:
-        return self.is_adaptive or self._reporters > 0
+        return self.is_adaptive or self.planning is not None or self._reporters > 0
 
     def register_reporter(self, reporter: object) -> None:
         """Record that ``reporter`` (a filter, say) will report feedback for every batch."""
@@ -254,7 +262,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         gather = self.sync is not None and self.expects_feedback
         items = self.sync.feedback(local, self.num_feedback) if gather else [local]  # type: ignore[union-attr]
         for item in items:
-            self.ledger.record(item.kept, item.dropped)
+            self.ledger.record(item.kept, item.dropped, item.losses)
         self.last_feedback = feedback
         length = self.shard_size
         progress = Progress(
@@ -273,6 +281,22 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out in all."""
         return self.ledger.pass_total(torch.as_tensor(indices))
+
+    # -- epoch plans -----------------------------------------------------------------------------
+
+    def weights_of(self, indices: Tensor) -> Tensor | None:
+        """The current epoch plan's training weights of these dataset indices (``None``: all 1).
+
+        InfoBatch keeps a random part of the well-learned samples and weighs them up so that the
+        expected gradient is unchanged; ``StepFeedback.weighted(loss)`` applies them."""
+        run = self.active
+        return self.order.weights(run.epoch, torch.as_tensor(indices)) if run is not None else None
+
+    @property
+    def scores(self) -> Any:
+        """The per-index scores epoch plans decide from (a :class:`~adaptive_batch.contract.ScoreTable`
+        over the index set)."""
+        return self.ledger.scores(self.order.indices)
 
     # -- checkpointing -------------------------------------------------------------------------
 
@@ -302,6 +326,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             self.CONFIG_KEY: sampler_config(self),
             self.EPOCH_KEY: self._epoch,
             self.PASS_KEY: run.state_dict() if run is not None else None,
+            self.ORDER_KEY: self.order.state_dict(),
         }
         if self.chunk_size is None:
             state.update(self.feedback_state_dict())
@@ -321,6 +346,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if self.chunk_size is None:
             self.load_feedback_state_dict(state)
         self.ledger.clear_in_flight()
+        self.order.load_state_dict(state.get(self.ORDER_KEY, {}))
         self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
         if (saved := state[self.PASS_KEY]) is not None:
             self._pending = SamplerPass(

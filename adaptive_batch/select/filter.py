@@ -18,6 +18,7 @@ from ..contract import (
     Reason,
     Selection,
     SelectionRule,
+    check_feedback_source,
     check_whole_batch_policy,
     probe_scope_of,
     require_keys,
@@ -100,6 +101,7 @@ class SubsetFilter:
         if policy is None and sampler is not None:
             policy = sampler.policy
         check_whole_batch_policy(policy, "filtering a batch")
+        check_feedback_source(sizing_rule_of(policy), "look_ahead")
         if isinstance(probe, nn.Module):
             # A rule that needs every parameter's gradients (exact CABS, say) probes the whole model.
             probe = HeadProbe(probe, head=probe if probe_scope_of(policy) == "model" else None)
@@ -258,24 +260,31 @@ class SubsetFilter:
 
 
 def _feedback(result: ProbeResult, selection: Selection, indices: Tensor | None) -> Feedback:
-    """The feedback for one batch: its statistics in one device-to-host transfer."""
+    """The feedback for one batch: its statistics and per-sample losses in one device-to-host
+    transfer."""
     mask = torch.zeros(1, result.batch_size, dtype=torch.bool)
     mask[0, selection.kept] = True
-    measured = torch.stack(
+    order = torch.cat([selection.kept, selection.dropped]).to(result.device, non_blocking=True)
+    measured = torch.cat(
         [
-            result.losses.mean(),
-            result.mean_grad_sq_norm(),
-            result.grad_variance(),
-            result.subset_mean_grad_sq_norms(mask.to(result.device, non_blocking=True))[0],
+            torch.stack(
+                [
+                    result.losses.mean(),
+                    result.mean_grad_sq_norm(),
+                    result.grad_variance(),
+                    result.subset_mean_grad_sq_norms(mask.to(result.device, non_blocking=True))[0],
+                ]
+            ),
+            result.losses[order],
         ]
-    ).tolist()
+    ).to("cpu", torch.float32)
     names = ("loss", "grad_sq_norm", "grad_variance", "kept_grad_sq_norm")
-    stats = {**dict(zip(names, measured, strict=True)), **selection.stats}
+    stats = {**dict(zip(names, measured[:4].tolist(), strict=True)), **selection.stats}
     if indices is None:
         kept, dropped = selection.kept, selection.dropped
     else:
         kept, dropped = indices[selection.kept], indices[selection.dropped]
-    return Feedback(kept=kept, dropped=dropped, reason=selection.reason, stats=stats)
+    return Feedback(kept, dropped, selection.reason, stats, losses=measured[4:])
 
 
 def _warn_if_feedback_is_lost(batches: Any, policy: Any) -> None:
