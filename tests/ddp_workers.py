@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import traceback
@@ -14,8 +15,14 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from adaptive_batch import AdaptiveBatchError, AdaptiveBatchSampler, IndexedDataset, SubsetFilter
-from adaptive_batch.policies import EDBA
+from adaptive_batch import (
+    AdaptiveBatchError,
+    AdaptiveBatchSampler,
+    IndexedDataset,
+    StepFeedback,
+    SubsetFilter,
+)
+from adaptive_batch.policies import EDBA, InfoBatch
 
 from .synthetic import blobs
 
@@ -126,3 +133,46 @@ def skipped_feedback(rank: int, world: int, port: int, results) -> None:
 
 def bypassed_feedback(rank: int, world: int, port: int, results) -> None:
     _skipping(rank, world, port, results, bypass=True)
+
+
+def planned_training(rank: int, world: int, port: int, results) -> None:
+    """InfoBatch on two ranks, fed by the training step: tables, plans and step counts agree."""
+    try:
+        _init(rank, world, port)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        ddp = DistributedDataParallel(model)
+        data = _data()
+        policy = InfoBatch(prune_ratio=0.5, num_epochs=4)
+        sampler = AdaptiveBatchSampler(
+            data, policy=policy, batch_size=12, min_batch_size=12, max_batch_size=12
+        )
+        batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        report = {"steps": [], "plans": [], "tables": [], "drawn": []}
+        for epoch in range(4):
+            steps, drawn = 0, []
+            for x, y in batches:
+                drawn += batches.current_indices.tolist()
+                optimizer.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                optimizer.step()
+                steps += 1
+            batches.flush()
+            table = sampler.ledger
+            report["steps"].append(steps)
+            report["plans"].append(sampler.order.digest(epoch))
+            report["tables"].append(
+                hashlib.sha1(
+                    table.losses.nan_to_num(-1).numpy().tobytes()
+                    + table.times_scored.numpy().tobytes()
+                ).hexdigest()
+            )
+            report["drawn"].append(drawn)
+            report.setdefault("planned", []).append(int(sampler.order.decide(epoch).drawn.sum()))
+        results.put((rank, "ok", report))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

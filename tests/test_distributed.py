@@ -115,6 +115,19 @@ def test_a_rank_that_skips_feedback_makes_every_rank_raise_within_seconds(worker
         assert seconds < 30, seconds  # not the process group's 30-minute timeout
 
 
+def test_ranks_agree_on_scores_plans_and_step_counts():
+    out = spawn(ddp_workers.planned_training)
+    for rank, (status, payload) in out.items():
+        assert status == "ok", f"rank {rank}: {payload}"
+    first, second = out[0][1], out[1][1]
+    for key in ("steps", "plans", "tables", "planned"):
+        assert first[key] == second[key], key
+    assert first["planned"][0] == 240 and min(first["planned"][1:3]) < 240  # InfoBatch pruned
+    for epoch, planned in enumerate(first["planned"]):
+        a, b = set(first["drawn"][epoch]), set(second["drawn"][epoch])
+        assert not a & b and len(a | b) == planned - planned % 2  # disjoint shares of the plan
+
+
 def test_replica_arguments_are_checked():
     with pytest.raises(ValueError, match=r"rank 2 is outside \[0, 2\)"):
         AdaptiveBatchSampler(100, num_replicas=2, rank=2)

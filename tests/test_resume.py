@@ -17,25 +17,37 @@ from torch import nn
 from torchdata.nodes import Loader, Mapper, Prefetcher, SamplerWrapper
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter, fetch_batch
-from adaptive_batch.nodes import SubsetFilterNode
-from adaptive_batch.policies import EDBA
+from adaptive_batch import (
+    AdaptiveBatchSampler,
+    IndexedDataset,
+    StepFeedback,
+    SubsetFilter,
+    fetch_batch,
+)
+from adaptive_batch.nodes import StepFeedbackNode, SubsetFilterNode
+from adaptive_batch.policies import EDBA, GradientNoiseScale, InfoBatch, Policy
 
 from .synthetic import blobs
 
 EPOCHS = 3
 DATA = IndexedDataset(blobs(100))
 
-# (loader, workers or prefetching, chunk size). Whole batches sized when a prefetching loader asks
-# for them cannot resume exactly (their sizes were decided before the feedback in between):
-# StatefulDataLoader with workers and a nodes Prefetcher resume exactly with chunks only.
+# (loader, workers or prefetching, chunk size, stage). Whole batches sized when a prefetching
+# loader asks for them cannot resume exactly (their sizes were decided before the feedback in
+# between): StatefulDataLoader with workers and a nodes Prefetcher resume exactly with chunks only.
+# The look-ahead stage runs EDBA; the training-step stage runs InfoBatch's epoch plan with the
+# gradient noise scale's sizing, so plans, scores and sizes all have to come back.
 KINDS = {
-    "dataloader-0-batches": ("dataloader", 0, None),
-    "dataloader-0-chunks": ("dataloader", 0, 8),
-    "dataloader-2-chunks": ("dataloader", 2, 8),
-    "nodes-batches": ("nodes", 0, None),
-    "nodes-chunks": ("nodes", 0, 8),
-    "nodes-prefetch-chunks": ("nodes", 3, 8),
+    "dataloader-0-batches": ("dataloader", 0, None, "look_ahead"),
+    "dataloader-0-chunks": ("dataloader", 0, 8, "look_ahead"),
+    "dataloader-2-chunks": ("dataloader", 2, 8, "look_ahead"),
+    "nodes-batches": ("nodes", 0, None, "look_ahead"),
+    "nodes-chunks": ("nodes", 0, 8, "look_ahead"),
+    "nodes-prefetch-chunks": ("nodes", 3, 8, "look_ahead"),
+    "plan-dataloader-0-batches": ("dataloader", 0, None, "training_step"),
+    "plan-dataloader-2-chunks": ("dataloader", 2, 8, "training_step"),
+    "plan-nodes-batches": ("nodes", 0, None, "training_step"),
+    "plan-nodes-prefetch-chunks": ("nodes", 3, 8, "training_step"),
 }
 
 
@@ -45,12 +57,20 @@ class Run:
     def __init__(self, kind: str) -> None:
         torch.manual_seed(0)
         self.kind = kind
-        loader_kind, workers, chunk = KINDS[kind]
+        loader_kind, workers, chunk, stage = KINDS[kind]
         self.model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, momentum=0.9)
+        self.look_ahead = stage == "look_ahead"
+        policy = (
+            EDBA(seed=2, factor=1.5)
+            if self.look_ahead
+            else Policy(
+                sizing=GradientNoiseScale(overhead_samples=512.0), plan=InfoBatch(num_epochs=EPOCHS)
+            )
+        )
         self.sampler = AdaptiveBatchSampler(
             DATA,
-            policy=EDBA(seed=2, factor=1.5),
+            policy=policy,
             batch_size=16,
             min_batch_size=8,
             max_batch_size=48,
@@ -61,18 +81,23 @@ class Run:
             source = Mapper(SamplerWrapper(self.sampler), partial(fetch_batch, DATA))
             if workers:
                 source = Prefetcher(source, prefetch_factor=workers)
-            self.node = SubsetFilterNode(source, self.model, sampler=self.sampler)
+            node_type = SubsetFilterNode if self.look_ahead else StepFeedbackNode
+            self.node = node_type(source, self.model, sampler=self.sampler)
             self.loader = self.batches = Loader(self.node)
-            self.filter = self.node.filter
+            self.filter = self.node.filter if self.look_ahead else self.node.stage
         else:
             extra = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
             self.loader = StatefulDataLoader(DATA, batch_sampler=self.sampler, **extra)
-            self.filter = self.batches = SubsetFilter(self.loader, self.model, sampler=self.sampler)
+            stage_type = SubsetFilter if self.look_ahead else StepFeedback
+            self.filter = self.batches = stage_type(self.loader, self.model, sampler=self.sampler)
         self.log: list[tuple[list[int], int]] = []
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        feedback = self.filter.last_feedback
-        self.log.append((sorted(feedback.kept.tolist()), feedback.batch_size))
+        if self.look_ahead:
+            feedback = self.filter.last_feedback
+            self.log.append((sorted(feedback.kept.tolist()), feedback.batch_size))
+        else:
+            self.log.append((sorted(self.filter.current_indices.tolist()), len(y)))
         self.optimizer.zero_grad()
         F.cross_entropy(self.model(x), y).backward()
         self.optimizer.step()
@@ -125,8 +150,23 @@ def reference(kind: str) -> tuple[list, list[int], dict]:
             before = len(run.log)
             run.epoch()
             lengths.append(len(run.log) - before)
-        REFERENCE[kind] = (run.log, lengths, copy.deepcopy(run.filter.rule.state_dict()))
+        REFERENCE[kind] = (run.log, lengths, final_state(run))
     return REFERENCE[kind]
+
+
+def final_state(run: Run) -> tuple:
+    """What the run's rules and score table ended with."""
+    if run.look_ahead:
+        rule = run.filter.rule.state_dict()
+        return (rule["loss_ema"], rule["grad_ema"])
+    if hasattr(run.filter, "settle"):
+        run.filter.settle()  # the last batch's feedback
+    scores = run.sampler.ledger
+    return (
+        scores.losses.nan_to_num(-1).tolist(),
+        scores.times_scored.tolist(),
+        run.sampler.sizer.size,
+    )
 
 
 def check_resume(kind: str, epoch: int, fraction: float, after_loop: bool) -> None:
@@ -145,12 +185,8 @@ def check_resume(kind: str, epoch: int, fraction: float, after_loop: bool) -> No
     resumed.log = list(first.log)
     resumed.run_until(len(expected))
     assert resumed.log == expected
-    if len(first.log) < len(expected):  # the resumed run trained: its rule ends where it should
-        final = resumed.filter.rule.state_dict()
-        assert (final["loss_ema"], final["grad_ema"]) == (
-            rule_state["loss_ema"],
-            rule_state["grad_ema"],
-        )
+    if len(first.log) < len(expected):  # the resumed run trained: its rules end where they should
+        assert final_state(resumed) == rule_state
     gc.collect()  # torchdata Loaders stopped mid-epoch hold threads in a reference cycle
 
 

@@ -82,10 +82,9 @@ class InfoBatch(Stateless):
         drawn = torch.ones(size, dtype=torch.bool)
         drawn[pruned] = False
         weights = None
-        if self.rescale:
+        if self.rescale:  # every well-learned sample, should it be drawn (the pruned are not)
             weights = torch.ones(size)
             weights[well_learned] = 1.0 / (1.0 - self.prune_ratio)
-            weights[pruned] = 0.0  # not drawn; kept at 0 so that the weights sum to the data's
         stats = {"pruned": float(count), "well_learned": float(well_learned.numel()), "mean": mean}
         return EpochPlan(drawn, weights, stats)
 

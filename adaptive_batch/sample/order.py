@@ -111,7 +111,8 @@ class IndexOrder:
                     )
             self._plans[epoch] = plan
             for old in sorted(self._plans)[:-3]:  # keep the few epochs a pass can still be in
-                del self._plans[old]
+                if old != epoch:
+                    del self._plans[old]
         return self._plans[epoch]
 
     def order(self, epoch: int) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence, Sized
 from typing import Any
 
@@ -113,6 +114,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             drop_last=drop_last, epoch_length=self.order.epoch_length(),
         )  # fmt: skip
         self._reporters, self._agreed, self._warned = 0, False, set[str]()
+        self._flushers: list[weakref.ref[Any]] = []
         self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.expects_feedback)
         self._epoch = 0  # what the next fresh pass draws
         self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
@@ -244,8 +246,18 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         return self.is_adaptive or self.planning is not None or self._reporters > 0
 
     def register_reporter(self, reporter: object) -> None:
-        """Record that ``reporter`` (a filter, say) will report feedback for every batch."""
+        """Record that ``reporter`` (a filter, say) will report feedback for every batch. A
+        reporter with a ``flush()`` (StepFeedback) is asked to report what it holds before any
+        checkpoint is taken, so a checkpoint never misses a batch already trained."""
         self._reporters += 1
+        if callable(getattr(reporter, "flush", None)):
+            self._flushers.append(weakref.ref(reporter))
+
+    def _flush_reporters(self) -> None:
+        for ref in self._flushers:
+            reporter = ref()
+            if reporter is not None:
+                reporter.flush()
 
     def feedback(self, feedback: Feedback) -> None:
         """Record what became of one yielded batch, then let the sizing rule pick the next size.
@@ -303,6 +315,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
     def feedback_state_dict(self) -> dict[str, Any]:
         """The feedback side: the sizing rule, the current size and the per-index counts. With
         a ``chunk_size`` the consumer saves it (as of the last batch it consumed)."""
+        self._flush_reporters()
         return {
             self.VERSION_KEY: VERSION,
             self.CONFIG_KEY: sampler_config(self),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +39,7 @@ class _Pending:
     outputs: list[Tensor] = field(default_factory=list)
     captured: int = 0
     losses: Tensor | None = None  # reported directly (report_losses)
+    thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
     weights: Tensor | None = None
     weight_offset: int = 0
 
@@ -126,7 +129,10 @@ class StepFeedback:
             if isinstance(head, str):
                 head = model.get_submodule(head)
             self.head = find_head(model) if head is None else head
-            self._hook = self.head.register_forward_hook(self._capture)
+            self._hook = self.head.register_forward_hook(_weak_hook(self))
+            # The hook holds the stage weakly: dropping the stage removes it, and no reference
+            # cycle keeps a loader (and its workers) alive until the garbage collector runs.
+            weakref.finalize(self, self._hook.remove)
         elif head is not None:
             raise AdaptiveBatchError("head= needs the model it belongs to")
         sampler.register_reporter(self)
@@ -184,6 +190,12 @@ class StepFeedback:
         pending = self._pending
         if pending is None or not module.training or not torch.is_grad_enabled() or not args:
             return  # no batch in training, or an evaluation forward
+        if threading.get_ident() != pending.thread:
+            raise AdaptiveBatchError(
+                "the batch StepFeedback handed out last was handed out in another thread than "
+                "the one training: nothing may prefetch after the stage (put a Prefetcher before "
+                "StepFeedbackNode, never after it)"
+            )
         features = args[0]
         if not (isinstance(features, Tensor) and isinstance(output, Tensor)):
             return
@@ -290,13 +302,21 @@ class StepFeedback:
 
     # -- checkpointing ------------------------------------------------------------------------------
 
+    def flush(self) -> None:
+        """Report the batch just yielded if its training forward (or its losses) came already:
+        the sampler calls it before a checkpoint, so the checkpoint includes that batch. Only
+        the training thread reports (a loader's prefetching thread asking for a checkpoint of
+        the sampler leaves the batch to it)."""
+        pending = self._pending
+        if pending is None or threading.get_ident() != pending.thread:
+            return
+        if pending.captured or pending.losses is not None:
+            self.settle()
+
     def state_dict(self) -> dict[str, Any]:
         """The counters; with a chunked sampler also its feedback side. A batch already trained
         is reported first, so nothing of it is lost."""
-        if self._pending is not None and (
-            self._pending.captured or self._pending.losses is not None
-        ):
-            self.settle()
+        self.flush()
         state: dict[str, Any] = {
             self.CANDIDATES_KEY: self.num_candidates,
             self.BATCHES_KEY: self.num_batches,
@@ -321,6 +341,18 @@ class StepFeedback:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+
+def _weak_hook(stage: StepFeedback) -> Any:
+    capture = weakref.WeakMethod(stage._capture)
+
+    @torch.compiler.disable  # host-side bookkeeping: a compiled model runs it eagerly
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        method = capture()
+        if method is not None:
+            method(module, args, output)
+
+    return hook
 
 
 class WeightedLoss:
