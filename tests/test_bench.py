@@ -31,13 +31,14 @@ def read_csv(path):
 
 def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     assert main(["bench", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    for name in ("overhead", "probe", "lag", "policies", "time-to-accuracy"):
+    for name in ("overhead", "probe", "lag", "policies", "time-to-accuracy", "noisy-cifar"):
         assert (tmp_path / f"{name}.md").read_text().startswith("# "), name
     for plot in ("time-to-accuracy", "scarce-cifar", "scarce-digits"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 5_000, plot
     overhead = read_csv(tmp_path / "overhead.csv")
     ratios = [float(r["value"]) for r in overhead if "ratio" in r["item"]]
-    assert len(ratios) == 8 and all(math.isfinite(v) and v > 0 for v in ratios)
+    assert len(ratios) == 10 and all(math.isfinite(v) and v > 0 for v in ratios)
+    assert any("feedback from the training step" in r["item"] for r in overhead)
     # Every data-scarce run used only its subset, and the table says so.
     scarce = read_csv(tmp_path / "scarce-cifar.csv")
     assert {r["subset"] for r in scarce} == {"100-samples", "1pct", "10pct"}
@@ -45,7 +46,10 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     assert "LEAK" not in (tmp_path / "scarce-cifar.md").read_text()
     assert all(int(r["candidates"]) >= 800 for r in scarce)  # the quick budget
     tta = read_csv(tmp_path / "time-to-accuracy.csv")
-    assert [r["policy"] for r in tta] == ["fixed", "edba", "gns"]
+    assert [r["policy"] for r in tta] == ["fixed", "infobatch", "gns-free"]
+    noisy = read_csv(tmp_path / "noisy-cifar.csv")
+    assert [r["policy"] for r in noisy] == ["fixed", "small-loss"]
+    assert float(noisy[0]["trained_noisy_fraction"]) == pytest.approx(0.4)  # fixed trains on all
     # A second call finds every run in the CSV and trains nothing.
     before = (tmp_path / "scarce-cifar.csv").read_text()
     argv = ["bench", "scarce-cifar-100", "time-to-accuracy", "--quick", "--out", str(tmp_path)]
@@ -55,9 +59,14 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     assert "90.69 ± 0.17" in capsys.readouterr().out  # the paper's figure beside ours
 
 
-def test_cifar_parts_need_data_outside_quick_mode(tmp_path):
+def test_cifar_parts_need_data_outside_quick_mode_and_say_so_before_any_part_runs(tmp_path):
     with pytest.raises(SystemExit, match="--data"):
         main(["bench", "scarce-cifar-100", "--out", str(tmp_path), "--no-progress"])
+    with pytest.raises(SystemExit, match="time-to-accuracy"):
+        main(["bench", "policies", "time-to-accuracy", "--out", str(tmp_path), "--no-progress"])
+    assert not (tmp_path / "policies.csv").exists()  # refused before the first part ran
+    with pytest.raises(SystemExit, match="no such file"):
+        main(["bench", "noisy-cifar", "--data", str(tmp_path / "nope"), "--out", str(tmp_path)])
 
 
 def test_results_resume_and_reject_mismatched_files(tmp_path):

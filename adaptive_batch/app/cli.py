@@ -40,6 +40,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers; got {text}") from None
 
 
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated rates; got {text}") from None
+    if not all(0.0 <= r < 1.0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must lie in [0, 1); got {text}")
+    return rates
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
     unknown = [n for n in names if n not in POLICY_NAMES and fixed_batch_size(n) is None]
@@ -144,15 +154,40 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--data-fraction", type=_fraction, default=1.0, help="fraction of the training split"
     )
-    group = bench.add_argument_group("time-to-accuracy (CIFAR-10)")
+    group = bench.add_argument_group("time-to-accuracy, noisy-cifar (CIFAR-10)")
     group.add_argument(
-        "--tta-epochs", type=_positive, default=4, help="baseline epochs (default 4)"
+        "--tta-epochs", type=_positive, default=30, help="epochs per run (default 30)"
     )
+    group.add_argument(
+        "--subset",
+        type=_positive,
+        default=10_000,
+        help="class-balanced training images (default 10000; 50000: all)",
+    )
+    group.add_argument("--batch-size", type=_positive, default=128, help="baseline batch (128)")
+    group.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     group.add_argument(
         "--tta-policies",
         type=_names,
-        default=("edba", "selective-backprop", "gns"),
+        default=(
+            "infobatch",
+            "infobatch-no-rescale",
+            "stale-sb",
+            "small-loss",
+            "gns-free",
+            "edba",
+            "selective-backprop",
+        ),
         help="policies timed against the baseline",
+    )
+    group.add_argument(
+        "--noise", type=_rates, default=(0.2, 0.4), help="label-noise rates (default 0.2,0.4)"
+    )
+    group.add_argument(
+        "--noisy-policies",
+        type=_names,
+        default=("small-loss", "small-loss-lookahead", "infobatch", "edba", "selective-backprop"),
+        help="policies run on noisy labels against the baseline",
     )
     group = bench.add_argument_group("scarce-cifar, scarce-digits")
     group.add_argument(

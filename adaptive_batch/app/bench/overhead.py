@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import BatchSampler, RandomSampler
 
-from adaptive_batch import AdaptiveBatchSampler, Feedback, ProbeResult, SubsetFilter
+from adaptive_batch import (
+    AdaptiveBatchSampler,
+    Feedback,
+    IndexedSample,
+    ProbeResult,
+    StepFeedback,
+    SubsetFilter,
+)
 from adaptive_batch.optional import require
 from adaptive_batch.policies import EDBA, KeepAll
 from adaptive_batch.probe import LOSSES, linear_head_gram
@@ -94,6 +101,31 @@ def _interleaved_medians(
     return {label: sorted(t)[len(t) // 2] for label, t in times.items()}
 
 
+STEP_FEEDBACK = "feedback from the training step"
+
+
+def _step_feedback(
+    model: nn.Module,
+    step: Callable[[torch.Tensor, torch.Tensor], None],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> Callable[[], None]:
+    """A plain step whose batch comes from a sampler through StepFeedback: the hook on the head,
+    the closed-form statistics, the feedback and the sampler's bookkeeping, every step."""
+    batch = y.numel()
+    sampler = AdaptiveBatchSampler(
+        batch, batch_size=batch, min_batch_size=batch, max_batch_size=batch, shuffle=False
+    )
+    stage = StepFeedback(None, model, sampler=sampler)
+
+    def run() -> None:
+        indices = torch.tensor(next(iter(sampler)))  # one batch: one pass (and its feedback)
+        xs, ys = stage.hand_out(IndexedSample(indices, (x, y)))  # reports the previous batch
+        step(xs, ys)
+
+    return run
+
+
 def _step_overhead(
     name: str, build: Callable[[], nn.Module], device: torch.device, batch: int, repeats: int
 ) -> list[Measurement]:
@@ -130,6 +162,8 @@ def _step_overhead(
             step(xs, ys)
 
         fns[label] = filtered
+    fns[STEP_FEEDBACK] = _step_feedback(model, step, x, y)
+    kept[STEP_FEEDBACK] = [batch]
     seconds = _interleaved_medians(fns, device, repeats)
     plain = seconds["plain step"]
     prefix = f"{name}, B={batch}"
@@ -145,15 +179,10 @@ def _step_overhead(
     ]
     for label, sizes in kept.items():
         note = f"keeps {sum(sizes) / max(len(sizes), 1):.0f} of {batch} on average"
-        out.append(
-            Measurement(
-                "step",
-                f"{prefix}: probe + filter ({label}) + step",
-                1000 * seconds[label],
-                "ms",
-                note,
-            )
+        item = (
+            f"step with {label}" if label == STEP_FEEDBACK else f"probe + filter ({label}) + step"
         )
+        out.append(Measurement("step", f"{prefix}: {item}", 1000 * seconds[label], "ms", note))
         out.append(
             Measurement(
                 "step", f"{prefix}: ratio {label} / plain", seconds[label] / plain, "x", note

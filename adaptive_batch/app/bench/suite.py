@@ -24,12 +24,14 @@ SCARCE_CIFAR_PARTS = {
     "scarce-cifar-1pct": "1pct",
     "scarce-cifar-10pct": "10pct",
 }
+CIFAR_PARTS = ("time-to-accuracy", "noisy-cifar", *SCARCE_CIFAR_PARTS)
 PARTS = (
     "overhead",
     "probe",
     "lag",
     "policies",
     "time-to-accuracy",
+    "noisy-cifar",
     *SCARCE_CIFAR_PARTS,
     "scarce-digits",
 )
@@ -47,10 +49,18 @@ def run_parts(args: argparse.Namespace) -> None:
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise SystemExit(f"unknown benchmark parts {unknown}; choose from {', '.join(PARTS)}")
+    quick = args.quick
+    if not quick and not args.data and any(p in CIFAR_PARTS for p in parts):
+        needs = [p for p in parts if p in CIFAR_PARTS]
+        raise SystemExit(
+            f"the parts {', '.join(needs)} need CIFAR-10: give --data PATH (the "
+            "cifar10-jpg.tar.gz archive or its folder), or leave them out"
+        )
+    if args.data and not Path(args.data).exists():
+        raise SystemExit(f"--data {args.data}: no such file or folder")
     device = pick_device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    quick = args.quick
     seeds = args.seeds or ((0,) if quick else (0, 1, 2))
     show = not args.no_progress
     for part in parts:
@@ -64,6 +74,8 @@ def run_parts(args: argparse.Namespace) -> None:
             _policies(out, device, quick, args, seeds, show)
         elif part == "time-to-accuracy":
             _time_to_accuracy(out, device, quick, args, seeds, show)
+        elif part == "noisy-cifar":
+            _noisy(out, device, quick, args, seeds, show)
         elif part in SCARCE_CIFAR_PARTS:
             _scarce_cifar(out, device, quick, args, seeds, show, SCARCE_CIFAR_PARTS[part])
         elif part == "scarce-digits":
@@ -150,30 +162,50 @@ def _cifar(args: argparse.Namespace, out: Path, quick: bool):
     )
 
 
+def _epoch_setup(args: argparse.Namespace, quick: bool):
+    from .schedule import EpochSetup
+
+    optimizer = {"lr": args.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    if quick:
+        return EpochSetup(subset=200, epochs=2, batch_size=32, optimizer=optimizer)
+    subset = None if args.subset >= 50_000 else args.subset
+    return EpochSetup(
+        subset=subset, epochs=args.tta_epochs, batch_size=args.batch_size, optimizer=optimizer
+    )
+
+
 def _time_to_accuracy(
     out: Path, device: torch.device, quick: bool, args: argparse.Namespace, seeds, show: bool
 ) -> None:
     from .time_to_accuracy import format_time_to_accuracy, plot_curves, run_time_to_accuracy
 
     data = _cifar(args, out, quick)
-    policies = ("edba", "gns") if quick else args.tta_policies
-    epochs = 1 if quick else args.tta_epochs
-    eval_every = 500 if quick else 25_000
+    setup = _epoch_setup(args, quick)
+    policies = ("infobatch", "gns-free") if quick else args.tta_policies
     results = run_time_to_accuracy(
-        data,
-        policies,
-        seeds,
-        epochs=epochs,
-        eval_every=eval_every,
-        out_dir=out,
-        device=device,
-        show_progress=show,
+        data, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show
     )
-    plot_curves(results, epochs, out / "time-to-accuracy.png")
-    title = f"Time to the baseline's accuracy: CIFAR-10 ({data.source}), ResNet-8, baseline {epochs} epochs of fixed batches of 100"
+    plot_curves(results, setup, out / "time-to-accuracy.png")
+    title = f"Time to the fixed baseline's final accuracy: {setup.describe()} ({data.source})"
     _write(
-        out, "time-to-accuracy", title, format_time_to_accuracy(results, policies, epochs), device
+        out, "time-to-accuracy", title, format_time_to_accuracy(results, policies, setup), device
     )
+
+
+def _noisy(
+    out: Path, device: torch.device, quick: bool, args: argparse.Namespace, seeds, show: bool
+) -> None:
+    from .noisy import format_noisy, run_noisy
+
+    data = _cifar(args, out, quick)
+    setup = _epoch_setup(args, quick)
+    policies = ("small-loss",) if quick else args.noisy_policies
+    rates = (0.4,) if quick else args.noise
+    results = run_noisy(
+        data, rates, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show
+    )
+    title = f"Noisy labels (symmetric): {setup.describe()} ({data.source})"
+    _write(out, "noisy-cifar", title, format_noisy(results, rates, policies, setup), device)
 
 
 def _scarce_cifar(

@@ -1,0 +1,104 @@
+"""The training setup the CIFAR-10 benchmarks share: a class-balanced subset, ResNet-8, SGD with a
+cosine learning rate stepped once per epoch, evaluation on all test images after every epoch.
+
+Every arm of a comparison (the fixed baseline and each policy) runs with this same setup and the
+same tuning; only the batches differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..runner import RunResult, RunSpec, train
+from .cifar import AugmentedImages, CifarData, evaluate, stratified_subset
+from .models import cifar_resnet
+
+__all__ = ["EpochSetup", "curve_cell", "parse_curve", "run_epochs"]
+
+SUBSET_SEED = 1234  # the same training subset for every seed and arm
+
+
+@dataclass(frozen=True)
+class EpochSetup:
+    """What every arm trains with.
+
+    Attributes:
+        subset: training images, class-balanced (``None``: all 50,000).
+        epochs: epochs per run; the cosine schedule anneals over them.
+        batch_size: the baseline's batch size, kept by the policies that do not size batches.
+        optimizer: SGD settings (learning rate, Nesterov momentum, weight decay).
+    """
+
+    subset: int | None = 10_000
+    epochs: int = 30
+    batch_size: int = 128
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    )
+
+    def describe(self) -> str:
+        images = "all 50,000" if self.subset is None else f"a class-balanced {self.subset:,}"
+        opt = self.optimizer
+        return (
+            f"ResNet-8 on {images} CIFAR-10 training images, {self.epochs} epochs, batch "
+            f"{self.batch_size}, SGD lr {opt['lr']} (cosine, stepped per epoch), Nesterov "
+            f"momentum {opt['momentum']}, weight decay {opt['weight_decay']}, random crop and flip; "
+            "test accuracy on all test images after every epoch"
+        )
+
+
+def allowed_indices(data: CifarData, setup: EpochSetup) -> Tensor:
+    if setup.subset is None or setup.subset >= data.train_y.numel():
+        return torch.arange(data.train_y.numel())
+    return stratified_subset(data.train_y, setup.subset, SUBSET_SEED)
+
+
+def run_epochs(
+    data: CifarData,
+    policy: str,
+    seed: int,
+    setup: EpochSetup,
+    *,
+    device: torch.device,
+    labels: Tensor | None = None,
+    noisy: Tensor | None = None,
+    progress: Any = None,
+) -> RunResult:
+    """One arm: ``policy`` (``"fixed"`` or a recipe name) trained as ``setup`` says, on the
+    training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones)."""
+    spec = RunSpec(
+        policy,
+        seed=seed,
+        epochs=setup.epochs,
+        eval_each_epoch=True,
+        optimizer=dict(setup.optimizer),
+        schedule="cosine",
+        batch_size=setup.batch_size,
+    )
+    train_labels = data.train_y if labels is None else labels
+    return train(
+        spec,
+        cifar_resnet,
+        AugmentedImages(data.train_x, train_labels, seed=seed),
+        allowed_indices(data, setup),
+        evaluate=partial(evaluate, images=data.test_x, labels=data.test_y),
+        device=device,
+        progress=progress,
+        noisy=noisy,
+    )
+
+
+def curve_cell(result: RunResult) -> str:
+    """The per-epoch curve as one CSV cell: ``seconds:trained:accuracy;...``."""
+    return ";".join(f"{s:.2f}:{t}:{a:.6g}" for s, _, t, a in result.curve)
+
+
+def parse_curve(cell: str) -> list[tuple[float, int, float]]:
+    return [
+        (float(s), int(t), float(a)) for s, t, a in (p.split(":") for p in cell.split(";") if p)
+    ]
