@@ -109,6 +109,8 @@ class RunResult:
     candidate_sizes: list[int] = field(default_factory=list)
     # (train seconds, candidates, trained, accuracy) at each evaluation
     curve: list[tuple[float, int, int, float]] = field(default_factory=list)
+    cpu_seconds: float = 0.0  # the process's CPU time while training (all threads)
+    cpu_curve: list[float] = field(default_factory=list)  # CPU seconds at each evaluation
 
     @property
     def mean_batch_size(self) -> float:
@@ -128,12 +130,15 @@ class RunResult:
 
 
 class _Clock:
-    """Training time, excluding evaluation; synchronises CUDA before reading."""
+    """Training time, excluding evaluation: wall seconds (synchronising CUDA before reading) and
+    the process's CPU seconds over all its threads (unaffected by other work on the machine)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.total = 0.0
+        self.cpu_total = 0.0
         self._start: float | None = None
+        self._cpu_start = 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -142,11 +147,13 @@ class _Clock:
     def start(self) -> None:
         self._sync()
         self._start = time.perf_counter()
+        self._cpu_start = time.process_time()
 
     def stop(self) -> float:
         self._sync()
         assert self._start is not None
         self.total += time.perf_counter() - self._start
+        self.cpu_total += time.process_time() - self._cpu_start
         self._start = None
         return self.total
 
@@ -248,6 +255,7 @@ def train(
         """Evaluate with the clock stopped; whether the target is reached."""
         accuracy = evaluate(model) if evaluate else float("nan")
         result.curve.append((clock.total, result.candidates, result.trained, accuracy))
+        result.cpu_curve.append(clock.cpu_total)
         result.best_accuracy = max(result.best_accuracy, accuracy)
         return spec.target_accuracy is not None and accuracy >= spec.target_accuracy
 
@@ -329,6 +337,7 @@ def train(
     if not result.curve or result.curve[-1][1] != result.candidates:
         record_evaluation()
     result.train_seconds = clock.total
+    result.cpu_seconds = clock.cpu_total
     result.test_accuracy = result.curve[-1][3]
     sampler = pipeline.sampler
     if sampler is not None:

@@ -34,6 +34,7 @@ FIELDS = (
     "trained_noisy_fraction",
     "trained",
     "train_seconds",
+    "cpu_seconds",
     "indices_inside",
     "curve",
 )
@@ -117,6 +118,7 @@ def run_noisy(
                     "trained_noisy_fraction": result.noisy_fraction,
                     "trained": result.trained,
                     "train_seconds": result.train_seconds,
+                    "cpu_seconds": result.cpu_seconds,
                     "indices_inside": result.indices_inside,
                     "curve": curve_cell(result),
                 }
@@ -137,7 +139,7 @@ def format_noisy(
         "vs fixed (final)",
         "mislabelled among trained %",
         "samples trained",
-        "train s",
+        "train CPU s",
     ]
     rows = []
     for rate in rates:
@@ -160,7 +162,7 @@ def format_noisy(
                     f"{gap:+.2f}",
                     mean_std(floats(runs, "trained_noisy_fraction"), 100, digits=1),
                     f"{sum(floats(runs, 'trained')) / len(runs):.0f}",
-                    mean_std(floats(runs, "train_seconds"), digits=0),
+                    mean_std(floats(runs, "cpu_seconds"), digits=0),
                 ]
             )
     return markdown_table(header, rows)

@@ -94,11 +94,16 @@ def run_epochs(
 
 
 def curve_cell(result: RunResult) -> str:
-    """The per-epoch curve as one CSV cell: ``seconds:trained:accuracy;...``."""
-    return ";".join(f"{s:.2f}:{t}:{a:.6g}" for s, _, t, a in result.curve)
+    """The per-epoch curve as one CSV cell: ``wall seconds:cpu seconds:trained:accuracy;...``."""
+    return ";".join(
+        f"{s:.2f}:{c:.2f}:{t}:{a:.6g}"
+        for (s, _, t, a), c in zip(result.curve, result.cpu_curve, strict=True)
+    )
 
 
-def parse_curve(cell: str) -> list[tuple[float, int, float]]:
+def parse_curve(cell: str) -> list[tuple[float, float, int, float]]:
+    """``(wall seconds, cpu seconds, trained, accuracy)`` per evaluation."""
     return [
-        (float(s), int(t), float(a)) for s, t, a in (p.split(":") for p in cell.split(";") if p)
+        (float(s), float(c), int(t), float(a))
+        for s, c, t, a in (p.split(":") for p in cell.split(";") if p)
     ]
