@@ -25,6 +25,7 @@ from .errors import (
     AdaptiveBatchWarning,
 )
 from .load import IndexedDataset, IndexedSample, fetch_batch
+from .observe import TrajectoryLogger
 from .probe import HeadProbe, find_head
 from .sample import AdaptiveBatchSampler, SizeBuckets, fold_tail
 from .select import SubsetFilter
@@ -52,6 +53,7 @@ __all__ = [
     "SizeBuckets",
     "StepFeedback",
     "SubsetFilter",
+    "TrajectoryLogger",
     "WeightedLoss",
     "__version__",
     "fetch_batch",

@@ -3,8 +3,9 @@ unmodified SGD loop.
 
     python examples/cifar10_resnet.py --data ../shared/data/cifar10-jpg.tar.gz --epochs 5
 
-``--data`` is the ``cifar10-jpg.tar.gz`` archive (extracted once next to ``--cache``) or a folder in
-the ``ImageFolder`` layout (``<root>/{train,test}/<class>/*.jpg``). ``--subset N`` trains on a
+``--data`` is the ``cifar10-jpg.tar.gz`` archive (extracted once into ``--cache``, by default the
+user cache folder ``~/.cache/adaptive_batch``, never the working tree) or a folder in the
+``ImageFolder`` layout (``<root>/{train,test}/<class>/*.jpg``). ``--subset N`` trains on a
 stratified subset of N images; the sampler guarantees no other image is ever drawn.
 """
 
@@ -24,6 +25,7 @@ from tqdm import tqdm
 from adaptive_batch import AdaptiveBatchSampler, IndexedDataset, SubsetFilter
 from adaptive_batch.app.bench.cifar import stratified_subset
 from adaptive_batch.app.bench.models import cifar_resnet
+from adaptive_batch.app.paths import user_cache_dir
 from adaptive_batch.app.recipes import POLICY_NAMES, recipe
 
 MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -44,9 +46,16 @@ def image_root(data: Path, cache: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, default=Path("cifar10-cache"))
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=user_cache_dir(),
+        help="where the archive is extracted (default: %(default)s)",
+    )
     parser.add_argument("--policy", default="edba", choices=POLICY_NAMES)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--subset", type=int, default=None, help="train on N stratified images")

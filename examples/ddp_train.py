@@ -35,7 +35,9 @@ def blobs(num: int, classes: int = 4, dim: int = 16, seed: int = 0) -> TensorDat
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=1024)
     parser.add_argument("--chunk-size", type=int, default=None, help="size batches where consumed")

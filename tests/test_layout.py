@@ -1,12 +1,13 @@
 """The package layout shows the data flow, and no import crosses a boundary it should not.
 
 Zones: ``contract`` (messages and protocols), the stages ``sample``, ``load``, ``probe``,
-``select``, ``train``, ``policies``, the shared helpers (``errors``, ``optional``), the top-level
-facade (``__init__``, ``nodes``), and the application wing ``app``. Every import of every module
+``select``, ``train``, ``policies``, ``observe`` (loggers listening to the sampler),
+``integrations`` (Lightning, Accelerate), the shared helpers (``errors``, ``optional``), the
+top-level facade (``__init__``, ``nodes``), and the application wing ``app``. Every import of every module
 is read from its source (``ast``), resolved, and checked:
 
 * the library never imports the app wing; the app imports no private name of the library;
-* the contract imports nothing else of the library;
+* the contract imports nothing else of the library; an observer only the contract;
 * policies import only the contract (and never ``torch.utils.data``);
 * a stage imports no policy and not the facade, and another package only through its public
   names (``from ..load import ChunkAssembler``, not ``from ..load.chunks import ...``).
@@ -82,13 +83,16 @@ def violations(root: Path) -> list[str]:
                 if target.startswith("torch.utils.data") and here in ("policies", "contract"):
                     problems.append(f"{where}: rules never touch torch.utils.data")
             elif here == "app":
-                hidden = [p for p in [*target.split(".")[1:], name or ""] if p.startswith("_")]
+                parts = [*target.split(".")[1:], name or ""]
+                hidden = [p for p in parts if p.startswith("_") and not p.endswith("__")]
                 if hidden and there != "app":
                     problems.append(f"{where}: the app uses the library's public names only")
             elif there == "app":
                 problems.append(f"{where}: the library never imports the app wing")
             elif here == "contract" and there not in ("contract", "shared"):
                 problems.append(f"{where}: the contract depends on nothing else")
+            elif here == "observe" and there not in ("observe", "contract", "shared"):
+                problems.append(f"{where}: an observer knows only the contract")
             elif here == "policies" and there not in ("policies", "contract", "shared"):
                 problems.append(f"{where}: policies know only the contract")
             elif here in STAGES and there in ("top", "policies"):
@@ -138,7 +142,7 @@ def test_the_check_catches_each_kind_of_crossing(tmp_path):
 
 def test_the_stages_are_packages_in_the_flow():
     packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
-    assert packages == {"contract", *STAGES, "policies", "app"}
+    assert packages == {"contract", *STAGES, "policies", "observe", "integrations", "app"}
     for number, stage in enumerate(("sample", "load", "probe", "select", "train"), start=1):
         doc = ast.get_docstring(ast.parse((PACKAGE / stage / "__init__.py").read_text())) or ""
         assert doc.startswith(f"Stage {number}, {stage}:"), stage

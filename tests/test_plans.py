@@ -110,7 +110,7 @@ def test_a_plan_comes_back_from_a_checkpoint_not_from_the_table():
         100, policy=RandomPlan(0.5), batch_size=10, min_batch_size=10, max_batch_size=10
     )
     iterator = iter(sampler)
-    next(iterator)
+    sampler.feedback(_keep_all(next(iterator)))  # trained: a batch awaiting feedback is handed back
     state = sampler.state_dict()
     original_rest = [i for b in iterator for i in b]
     # A rule that would plan otherwise (keep 0.9): the saved plan, not a new one, is resumed.

@@ -56,6 +56,20 @@ def test_the_two_commands_install_this_project_and_work(tmp_path):
         and "candidates" in run.stdout
         and (tmp_path / "demo-output" / "demo.png").stat().st_size > 0
     )
-    # The test command is the one CI runs (running it here would recurse).
-    assert f'pip install -e ".[dev]" && {tests}' in (ROOT / ".ci" / "run").read_text()
-    assert tests == "python -m pytest" and sys.executable
+    assert tests == "python -m pytest"  # running it here would recurse
+
+
+def test_ci_runs_the_two_commands_as_written():
+    """.ci/run extracts the commands from the README itself, so a broken first command fails CI."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    function = re.search(r"^readme_commands\(\) \{.*?^\}", ci, flags=re.DOTALL | re.MULTILINE)
+    assert function is not None
+    listed = subprocess.run(
+        ["bash", "-c", f"{function.group(0)}\nreadme_commands"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert listed == [block.strip() for block in blocks("bash")]
+    assert 'bash -euo pipefail -c "$command"' in ci

@@ -218,3 +218,59 @@ def test_sizing_where_consumed_has_no_lag_with_workers():
         run.epoch()
     assert set(run.sampler.feedback_lag) == {0}
     assert all(size % 8 == 0 for _, size in run.log[:5])  # sizes are whole chunks
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_fetched_ahead_are_handed_back_and_replayed(workers):
+    """``sampler.state_dict()`` taken while a plain DataLoader's workers hold batches it fetched
+    ahead: those batches come out again after the resume, at the same sizes, and the sizes
+    decided after them match the uninterrupted run."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sampler = AdaptiveBatchSampler(
+            DATA, policy=EDBA(seed=2, factor=1.5), batch_size=16, min_batch_size=8,
+            max_batch_size=48, seed=4,
+        )  # fmt: skip
+        extra = {"num_workers": workers, "prefetch_factor": 2} if workers else {}
+        loader = torch.utils.data.DataLoader(DATA, batch_sampler=sampler, **extra)
+        return model, optimizer, sampler, SubsetFilter(loader, model, sampler=sampler)
+
+    def train(model, optimizer, batches, log, stop=None):
+        for x, y in batches:
+            log.append((batches.last_feedback.candidates.tolist(), len(y)))
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            if stop is not None and len(log) == stop:
+                return
+
+    model, optimizer, _, batches = build()
+    expected: list = []
+    for _ in range(2):
+        train(model, optimizer, batches, expected)
+    model, optimizer, sampler, batches = build()
+    log: list = []
+    train(model, optimizer, batches, log, stop=3)
+    in_flight = sampler.active.batches - sampler.num_feedback
+    assert (in_flight > 0) == bool(workers)  # the workers fetched ahead
+    state = copy.deepcopy(
+        {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state_dict(),
+            "filter": batches.state_dict(),
+        }
+    )
+    assert len(state["sampler"]["pass"].get("replay", [])) == in_flight
+    model, optimizer, sampler, batches = build()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    sampler.load_state_dict(state["sampler"])
+    batches.load_state_dict(state["filter"])
+    while len(log) < len(expected):
+        train(model, optimizer, batches, log)
+    assert log == expected
+    assert len({size for _, size in expected}) > 1

@@ -2,7 +2,13 @@
 checkpointing protocol. Everything else in the library depends on this package; it depends on
 nothing else in it."""
 
-from .feedback_sink import ChunkPlanner, FeedbackSink
+from .feedback_sink import (
+    ChunkPlanner,
+    FeedbackSink,
+    check_fetched_ahead,
+    load_trainer_state,
+    trainer_state,
+)
 from .messages import (
     EpochPlan,
     Feedback,
@@ -53,12 +59,15 @@ __all__ = [
     "Stateful",
     "Stateless",
     "check_feedback_source",
+    "check_fetched_ahead",
     "check_whole_batch_policy",
     "feedback_source_of",
     "layer_rule_of",
+    "load_trainer_state",
     "plan_rule_of",
     "probe_scope_of",
     "require_keys",
     "selection_rule_of",
     "sizing_rule_of",
+    "trainer_state",
 ]

@@ -12,9 +12,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
+from ..errors import AdaptiveBatchError
 from .messages import Feedback
 
-__all__ = ["ChunkPlanner", "FeedbackSink"]
+__all__ = [
+    "RANK_STATES_KEY",
+    "SAMPLER_STATE_KEY",
+    "ChunkPlanner",
+    "FeedbackSink",
+    "check_fetched_ahead",
+    "load_trainer_state",
+    "trainer_state",
+]
 
 
 @runtime_checkable
@@ -57,3 +66,42 @@ class ChunkPlanner(Protocol):
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out from where it started
         (the same for every chunk of a pass; the consumer counts down from it)."""
+
+
+# -- stages a trainer drives (fetched_ahead=True) ----------------------------------------------
+
+#: The keys of a trainer-driven stage's state: the sampler's state and each rank's own part.
+SAMPLER_STATE_KEY, RANK_STATES_KEY = "sampler_state", "rank_states"
+
+
+def check_fetched_ahead(sampler: Any) -> None:
+    """A stage a trainer drives reports to a sampler of whole batches."""
+    if sampler is None:
+        raise AdaptiveBatchError("fetched_ahead=True needs sampler=<the AdaptiveBatchSampler>")
+    if sampler.chunk_size is not None:
+        raise AdaptiveBatchError(
+            "fetched_ahead=True works with whole batches: a trainer that fetches ahead assembles "
+            "each batch before its step anyway; build the sampler without chunk_size"
+        )
+
+
+def trainer_state(sampler: Any, own: dict[str, Any]) -> dict[str, Any]:
+    """What a trainer-driven stage saves: the sampler's state and every rank's ``own`` state
+    (gathered under DDP, where the trainer calls ``state_dict()`` on every rank and writes rank
+    0's checkpoint)."""
+    gather = getattr(sampler, "rank_states", None)
+    return {
+        SAMPLER_STATE_KEY: sampler.state_dict(),
+        RANK_STATES_KEY: gather(own) if callable(gather) else [own],
+    }
+
+
+def load_trainer_state(sampler: Any, state: dict[str, Any]) -> dict[str, Any]:
+    """Load the sampler's part of a trainer-driven stage's state; return this rank's own part."""
+    sampler.load_state_dict(state[SAMPLER_STATE_KEY])
+    ranks, rank = state[RANK_STATES_KEY], getattr(sampler, "rank", 0)
+    if rank >= len(ranks):
+        raise AdaptiveBatchError(
+            f"this checkpoint holds the stage states of {len(ranks)} ranks; this is rank {rank}"
+        )
+    return ranks[rank]

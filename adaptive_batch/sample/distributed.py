@@ -22,7 +22,7 @@ from ..errors import AdaptiveBatchError
 
 __all__ = ["RankSync", "cpu_feedback", "merge_for_sizing", "resolve_replicas"]
 
-START, FEEDBACK, END = "start", "feedback", "end"
+START, FEEDBACK, END, STATE = "start", "feedback", "end", "state"
 FIX = (
     "Every rank must report feedback once for every batch it draws (wrap each rank's loader in "
     "SubsetFilter(loader, model, sampler=sampler), or call sampler.feedback(...) after every "
@@ -59,6 +59,8 @@ def _where(rank: int, kind: str, payload: dict[str, Any]) -> str:
         return f"rank {rank} is starting epoch {payload['epoch']} at position {payload['position']}"
     if kind == FEEDBACK:
         return f"rank {rank} is reporting feedback for a batch (its report #{payload['reports']})"
+    if kind == STATE:
+        return f"rank {rank} is saving a stage's state"
     return (
         f"rank {rank} has drawn the {payload['batches']} batches of epoch {payload['epoch']} and "
         f"reported feedback {payload['reports']} times during it"
@@ -146,6 +148,9 @@ class RankSync:
 
     def end(self, epoch: int, batches: int, reports: int) -> None:
         self.exchange(END, {"epoch": epoch, "batches": batches, "reports": reports})
+
+    def states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        return [p["state"] for p in self.exchange(STATE, {"state": state})]
 
     def feedback(self, feedback: Feedback, reports: int) -> list[Feedback]:
         payloads = self.exchange(FEEDBACK, {"feedback": feedback, "reports": reports})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..contract import require_keys
@@ -20,20 +20,37 @@ class SamplerPass(Iterator[list[int]]):
     Each ``iter(sampler)`` makes its own pass, as torch's samplers do: a second iterator over the
     same loader (a peek at one batch, a second filter) never moves this one. Its state (epoch and
     position) is what ``StatefulDataLoader`` saves for the iterator it holds.
+
+    A state can hand back the last whole batches handed out that still await feedback (a loader
+    or a trainer fetched them ahead of training): its position steps back over them and
+    ``replay`` lists their sizes, so a resumed pass hands the same batches out again, at the same
+    sizes, before it decides new ones.
     """
 
     EPOCH_KEY = "epoch"
     POSITION_KEY = "position"
+    REPLAY_KEY = "replay"
 
-    def __init__(self, sampler: AdaptiveBatchSampler, epoch: int, position: int = 0) -> None:
+    def __init__(
+        self,
+        sampler: AdaptiveBatchSampler,
+        epoch: int,
+        position: int = 0,
+        replay: Sequence[int] = (),
+        *,
+        resumes: SamplerPass | None = None,
+    ) -> None:
         self.sampler = sampler
-        self._seek(epoch, position)
+        self.resumes = resumes  # the loaded pass this one continues
+        self._seek(epoch, position, replay)
 
-    def _seek(self, epoch: int, position: int) -> None:
+    def _seek(self, epoch: int, position: int, replay: Sequence[int] = ()) -> None:
         self.epoch = epoch
         self.indices = self.sampler.order.epoch_indices(epoch)
         self.start = self.position = min(position, self.indices.numel())
         self.batches = 0  # handed out by this pass
+        self.sizes: list[int] = []  # of the whole batches this pass handed out, in order
+        self.replay = [int(size) for size in replay]  # sizes to hand out again first
         self.started = self.finished = False
         self.reports_at_start = 0
 
@@ -59,7 +76,10 @@ class SamplerPass(Iterator[list[int]]):
         chunk_size = sampler.chunk_size
         size = min(chunk_size, remaining) if chunk_size else 0
         if remaining > 0 and not chunk_size:
-            size = sampler.sizer.decide(remaining, sampler.ledger.num_feedback)
+            if self.replay:  # decided before the checkpoint; handed out again as it was
+                size = min(self.replay.pop(0), remaining)
+            else:
+                size = sampler.sizer.decide(remaining, sampler.ledger.num_feedback)
             if size == remaining < sampler.min_batch_size and sampler.drop_last:
                 sampler.num_dropped_tails += 1
                 self.position, remaining = self.indices.numel(), 0
@@ -69,6 +89,8 @@ class SamplerPass(Iterator[list[int]]):
         batch = self.indices[self.position : self.position + size]
         self.position += size
         self.batches += 1
+        if not chunk_size:
+            self.sizes.append(size)
         sampler.ledger.handed_out(batch, self.total if chunk_size else None)
         sampler.active = self
         if self.position >= self.indices.numel():
@@ -80,10 +102,19 @@ class SamplerPass(Iterator[list[int]]):
             self.finished = True
             self.sampler.pass_finished(self)
 
-    def state_dict(self) -> dict[str, Any]:
-        return {self.EPOCH_KEY: self.epoch, self.POSITION_KEY: self.position}
+    def state_dict(self, unsettled: int = 0) -> dict[str, Any]:
+        """Epoch and position; ``unsettled``: how many of the last whole batches handed out
+        await feedback, to hand back (see the class)."""
+        back = self.sizes[len(self.sizes) - unsettled :] if 0 < unsettled <= len(self.sizes) else []
+        state: dict[str, Any] = {
+            self.EPOCH_KEY: self.epoch,
+            self.POSITION_KEY: self.position - sum(back),
+        }
+        if back or self.replay:
+            state[self.REPLAY_KEY] = back + self.replay
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         require_keys(self, state, (self.EPOCH_KEY, self.POSITION_KEY))
-        self._seek(state[self.EPOCH_KEY], state[self.POSITION_KEY])
+        self._seek(state[self.EPOCH_KEY], state[self.POSITION_KEY], state.get(self.REPLAY_KEY, ()))
         self.sampler.active = self

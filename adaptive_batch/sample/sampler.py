@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from collections.abc import Sequence, Sized
+from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
 import torch
@@ -15,6 +15,7 @@ from ..contract import Feedback, GradientNoise, Progress, plan_rule_of, sizing_r
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from .buckets import SizeBuckets, as_buckets
 from .checkpoint import VERSION, check_state, sampler_config
+from .deprecated import SamplerDeprecations, warn_max_in_flight
 from .distributed import RankSync, cpu_feedback, merge_for_sizing, resolve_replicas
 from .ledger import FeedbackLedger
 from .order import IndexOrder
@@ -24,7 +25,7 @@ from .sizer import BatchSizer
 __all__ = ["AdaptiveBatchSampler"]
 
 
-class AdaptiveBatchSampler(Sampler[list[int]]):
+class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
     """Yields batches of dataset indices whose size a sizing rule adapts from feedback.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)``; a
@@ -93,13 +94,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         size = data_source if isinstance(data_source, int) else len(data_source)
         if size < 1:
             raise AdaptiveBatchError(f"the dataset is empty (length {size})")
-        if max_in_flight is not None:
-            warnings.warn(
-                "max_in_flight is no longer used: the sampler tracks each index awaiting feedback, "
-                "with no bound to reach",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+        warn_max_in_flight(max_in_flight)
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.dataset_size, self.policy = size, policy
         self._data_source = None if isinstance(data_source, int) else data_source
@@ -115,6 +110,7 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         )  # fmt: skip
         self._reporters, self._agreed, self._warned = 0, False, set[str]()
         self._flushers: list[weakref.ref[Any]] = []
+        self._listeners: list[Callable[[AdaptiveBatchSampler, Feedback], None]] = []
         self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.expects_feedback)
         self._epoch = 0  # what the next fresh pass draws
         self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
@@ -171,11 +167,6 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         """The sizing rule's gradient-noise estimates, where it keeps them (else ``None``)."""
         return self.sizer.rule.noise_estimate() if self.estimates_gradient_noise else None  # type: ignore[union-attr]
 
-    @property
-    def num_samples(self) -> int:
-        warnings.warn("num_samples is now called dataset_size", DeprecationWarning, stacklevel=2)
-        return self.dataset_size
-
     # -- passes --------------------------------------------------------------------------------
 
     def _next_epoch(self) -> int:
@@ -192,13 +183,21 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self._epoch = epoch
 
     def __iter__(self) -> SamplerPass:
-        run, self._pending = self._pending or SamplerPass(self, self._epoch), None
-        return run
+        pending = self._pending
+        if pending is None:
+            return SamplerPass(self, self._epoch)
+        # A loaded pass is resumed by the first iterator that hands out a batch: a DataLoader
+        # with workers calls iter() twice before it asks for one.
+        return SamplerPass(self, pending.epoch, pending.position, pending.replay, resumes=pending)
 
     def __len__(self) -> int:
         """Batches (chunks, with a ``chunk_size``) per epoch; a ``TypeError`` when feedback decides
-        it (torch's convention for an unknown length)."""
-        length = self.order.epoch_length(self._next_epoch())  # the epoch's plan, decided now
+        it (torch's convention for an unknown length). The epoch is the next pass's, or the
+        current one's while its batches await feedback (the next plan waits for their scores)."""
+        run = self.active
+        awaiting = run is not None and self.expects_feedback and self._unsettled(run) > 0
+        epoch = run.epoch if awaiting else self._next_epoch()  # type: ignore[union-attr]
+        length = self.order.epoch_length(epoch)  # the epoch's plan, decided now
         if self.chunk_size is not None:
             return -(-length // self.chunk_size)
         if self.is_adaptive:
@@ -208,8 +207,14 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             )
         return self.sizer.count_batches(length)
 
+    def _unsettled(self, run: SamplerPass) -> int:
+        """Batches ``run`` handed out that await feedback (feedback comes in order)."""
+        return max(run.batches - (self.num_feedback - run.reports_at_start), 0)
+
     def pass_started(self, run: SamplerPass) -> None:
         """Called by a pass before it hands out its first batch."""
+        if run.resumes is not None and run.resumes is self._pending:
+            self._pending = None
         if self._data_source is not None and len(self._data_source) != self.dataset_size:
             raise AdaptiveBatchError(
                 f"the dataset's length changed from {self.dataset_size} to "
@@ -253,6 +258,23 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         if callable(getattr(reporter, "flush", None)):
             self._flushers.append(weakref.ref(reporter))
 
+    def add_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
+        """Call ``listener(sampler, feedback)`` after each feedback is recorded and the next size
+        decided (a :class:`~adaptive_batch.observe.TrajectoryLogger`, say). Listeners are not
+        part of the sampler's state: attach them again after loading a checkpoint."""
+        if not callable(listener):
+            raise AdaptiveBatchTypeError(f"a listener must be callable; got {type(listener)}")
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
+        """Stop calling ``listener``; a ``ValueError`` if it was never added."""
+        self._listeners.remove(listener)
+
+    def rank_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every rank's ``state``, in rank order: a collective under DDP (every rank calls it,
+        as a trainer saving a checkpoint does); ``[state]`` on one replica."""
+        return [state] if self.sync is None else self.sync.states(state)
+
     def _flush_reporters(self) -> None:
         for ref in self._flushers:
             reporter = ref()
@@ -281,6 +303,8 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
             self.num_feedback, self.ledger.num_candidates, length * self.num_replicas
         )
         self.sizer.update(merge_for_sizing(items), progress, length)
+        for listener in self._listeners:
+            listener(self, local)
 
     # -- chunk mode: batches assembled where they are consumed -------------------------------
 
@@ -332,25 +356,26 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the position of the pass that handed out the latest batch and, without a
-        ``chunk_size``, the feedback side (:meth:`feedback_state_dict`)."""
+        ``chunk_size``, the feedback side (:meth:`feedback_state_dict`). Whole batches handed
+        out but awaiting feedback (fetched ahead of training by a prefetching loader or trainer)
+        are handed back: a resumed pass hands them out again, at the same sizes, first."""
         run = self._pending or self.active
         state = {
             self.VERSION_KEY: VERSION,
             self.CONFIG_KEY: sampler_config(self),
             self.EPOCH_KEY: self._epoch,
-            self.PASS_KEY: run.state_dict() if run is not None else None,
+            self.PASS_KEY: None,
             self.ORDER_KEY: self.order.state_dict(),
         }
         if self.chunk_size is None:
-            state.update(self.feedback_state_dict())
-            in_flight = run.batches - (self.num_feedback - run.reports_at_start) if run else 0
-            if self.is_adaptive and in_flight > 0:
-                self._warn_once(
-                    "in flight",
-                    f"AdaptiveBatchSampler.state_dict() taken with {in_flight} batches awaiting "
-                    "feedback (a loader prefetching ahead of it): a run resumed from it cannot "
-                    "repeat the uninterrupted run's batch sizes; use chunk_size=... to resume exactly",
-                )
+            state.update(self.feedback_state_dict())  # reporters flush first: then count
+        if run is not None:
+            unsettled = 0
+            if self.chunk_size is None and self.expects_feedback and run is self.active:
+                # Batches fetched ahead of training (a prefetching loader or trainer) are handed
+                # back, to be handed out again at the same sizes after a resume.
+                unsettled = self._unsettled(run)
+            state[self.PASS_KEY] = run.state_dict(unsettled)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -363,11 +388,11 @@ class AdaptiveBatchSampler(Sampler[list[int]]):
         self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
         if (saved := state[self.PASS_KEY]) is not None:
             self._pending = SamplerPass(
-                self, saved[SamplerPass.EPOCH_KEY], saved[SamplerPass.POSITION_KEY]
+                self,
+                saved[SamplerPass.EPOCH_KEY],
+                saved[SamplerPass.POSITION_KEY],
+                saved.get(SamplerPass.REPLAY_KEY, ()),
             )
-
-    consumer_state_dict = feedback_state_dict  # the names of version 0.1
-    load_consumer_state_dict = load_feedback_state_dict
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -19,16 +19,20 @@ from ..contract import (
     Selection,
     SelectionRule,
     check_feedback_source,
+    check_fetched_ahead,
     check_whole_batch_policy,
+    load_trainer_state,
     probe_scope_of,
     require_keys,
     selection_rule_of,
     sizing_rule_of,
+    trainer_state,
 )
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from ..load import ChunkAssembler, get_field, split_indexed, take
 from ..probe import HeadProbe
 from ..sample import SizeBuckets, as_buckets
+from .ahead import FetchedAhead
 
 __all__ = ["SubsetFilter"]
 
@@ -64,6 +68,13 @@ class SubsetFilter:
             subset of another size is trimmed to the largest allowed size by dropping its last
             kept positions (batches arrive in random order), or, below the smallest allowed size,
             topped up from the dropped samples in order; ``stats["bucket_change"]`` records it.
+        fetched_ahead: the trainer fetches batches ahead of their training steps and announces
+            each step (:meth:`begin_batch`, :meth:`end_batch`; Lightning's ``Trainer`` with
+            :class:`~adaptive_batch.integrations.lightning.AdaptiveBatchCallback`). A batch is
+            probed and selected when fetched, and its feedback reaches the sampler when its step
+            begins. The trainer then checkpoints only this stage, so :meth:`state_dict` holds the
+            sampler's state too, and the selections of batches fetched but not yet trained, which
+            a resumed run replays (see :mod:`~adaptive_batch.select.ahead`).
 
     Example:
         >>> import torch
@@ -82,6 +93,7 @@ class SubsetFilter:
 
     RULE_KEY, RULE_TYPE_KEY, REASONS_KEY = "rule", "rule_type", "reasons"
     CANDIDATES_KEY, TRAINED_KEY, SAMPLER_KEY = "num_candidates", "num_trained", "sampler"
+    AHEAD_KEY = "fetched_ahead"
 
     def __init__(
         self,
@@ -93,6 +105,7 @@ class SubsetFilter:
         inputs: int | str = 0,
         targets: int | str = 1,
         buckets: SizeBuckets | int | Sequence[int] | None = None,
+        fetched_ahead: bool = False,
     ) -> None:
         if sampler is not None and not isinstance(sampler, FeedbackSink):
             raise AdaptiveBatchTypeError(
@@ -126,6 +139,10 @@ class SubsetFilter:
         self.last_feedback: Feedback | None = None
         self._epoch_reasons: Counter[str] = Counter()
         self._warned_nonfinite = False
+        self.fetched_ahead = fetched_ahead
+        self._ahead = FetchedAhead()
+        if fetched_ahead:
+            check_fetched_ahead(sampler)
 
     @property
     def num_batches(self) -> int:
@@ -147,6 +164,7 @@ class SubsetFilter:
                 "this SubsetFilter has no source of batches; call filter_batch(batch)"
             )
         self.start_epoch()
+        self._ahead.held.clear()  # fetched by an earlier iterator and never trained
         if self.assembles_chunks:
             assembler = ChunkAssembler(self.sampler)  # type: ignore[arg-type]
             chunks = iter(self.batches)
@@ -185,6 +203,43 @@ class SubsetFilter:
     def filter_batch(self, batch: Any) -> Any:
         """Probe, select and report one batch; return its kept samples."""
         indices, batch = split_indexed(batch, required=self.sampler is not None)
+        replay = self._ahead.replay(indices) if indices is not None else None
+        if replay is not None:  # selected before a checkpoint: kept as it was
+            feedback, kept = replay
+            size = feedback.batch_size
+        else:
+            feedback, kept = self._select(batch, indices)
+            size = feedback.batch_size
+        if self.fetched_ahead:
+            self._ahead.hold(feedback)
+        else:
+            self._report(feedback)
+        if kept.numel() == size:
+            return batch
+        return take(batch, kept, size)
+
+    def begin_batch(self) -> None:
+        """The trainer starts the step of the oldest batch fetched (``fetched_ahead``): its
+        feedback goes to the sampler."""
+        feedback = self._ahead.release()
+        if feedback is not None:
+            self._report(feedback)
+
+    def end_batch(self) -> None:
+        """The trainer finished the step begun last (nothing left to report: a look-ahead
+        filter reported when the step began)."""
+
+    def _report(self, feedback: Feedback) -> None:
+        if self.sampler is not None:
+            self.sampler.feedback(feedback)
+        self.last_feedback = feedback
+        self.reasons[feedback.reason] += 1
+        self._epoch_reasons[feedback.reason] += 1
+        self.num_candidates += feedback.batch_size
+        self.num_trained += feedback.num_kept
+
+    def _select(self, batch: Any, indices: Tensor | None) -> tuple[Feedback, Tensor]:
+        """Probe and select: the feedback and the positions of the kept samples."""
         result = self.probe(get_field(batch, self.inputs), get_field(batch, self.targets))
         selection = self.rule.select(result)
         if selection.batch_size != result.batch_size:
@@ -198,17 +253,7 @@ class SubsetFilter:
             raise AdaptiveBatchError(
                 f"the batch has {result.batch_size} samples but {indices.numel()} indices"
             )
-        feedback = _feedback(result, selection, indices)
-        if self.sampler is not None:
-            self.sampler.feedback(feedback)
-        self.last_feedback = feedback
-        self.reasons[selection.reason] += 1
-        self._epoch_reasons[selection.reason] += 1
-        self.num_candidates += selection.batch_size
-        self.num_trained += selection.kept.numel()
-        if selection.kept.numel() == selection.batch_size:
-            return batch
-        return take(batch, selection.kept, selection.batch_size)
+        return _feedback(result, selection, indices), selection.kept
 
     def _fit_buckets(self, selection: Selection) -> Selection:
         assert self.buckets is not None
@@ -237,10 +282,16 @@ class SubsetFilter:
         }
         if self.assembles_chunks:
             state[self.SAMPLER_KEY] = self.sampler.feedback_state_dict()  # type: ignore[union-attr]
+        if self.fetched_ahead:  # the trainer saves this stage alone: the sampler's state too
+            state[self.AHEAD_KEY] = self._ahead.state_dict()
+            return trainer_state(self.sampler, state)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fetched_ahead:
+            state = load_trainer_state(self.sampler, state)
         require_keys(self, state, (self.RULE_KEY, self.REASONS_KEY, self.CANDIDATES_KEY))
+        self._ahead.load_state_dict(state.get(self.AHEAD_KEY, []))
         saved_rule = state.get(self.RULE_TYPE_KEY, type(self.rule).__qualname__)
         if saved_rule != type(self.rule).__qualname__:
             raise AdaptiveBatchError(

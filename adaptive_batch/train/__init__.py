@@ -5,6 +5,7 @@ per-layer backward."""
 
 from .lr_coupling import BatchSizeLR
 from .per_layer import PerLayerBackward
-from .step_feedback import StepFeedback, WeightedLoss
+from .step_feedback import StepFeedback
+from .weighted_loss import WeightedLoss
 
 __all__ = ["BatchSizeLR", "PerLayerBackward", "StepFeedback", "WeightedLoss"]

@@ -6,6 +6,7 @@ import math
 import threading
 import warnings
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +19,18 @@ from ..contract import (
     FeedbackSink,
     Reason,
     check_feedback_source,
+    check_fetched_ahead,
+    load_trainer_state,
     require_keys,
     sizing_rule_of,
+    trainer_state,
 )
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from ..load import ChunkAssembler, get_field, split_indexed
 from ..probe import HeadLoss, LossFn, find_head, gradient_moments, resolve_loss
+from .weighted_loss import WeightedLoss
 
-__all__ = ["StepFeedback", "WeightedLoss"]
+__all__ = ["StepFeedback"]
 
 
 @dataclass
@@ -77,6 +82,13 @@ class StepFeedback:
         loss: ``"cross_entropy"``, ``"mse"``, or ``loss_fn(outputs, targets) -> [B]``: the
             per-sample loss the feedback reports (computed on the captured head outputs).
         targets: where the targets are in each batch (a position or a key).
+        fetched_ahead: the trainer fetches batches ahead of their training steps and announces
+            each step: :meth:`begin_batch` before it, :meth:`end_batch` after it (Lightning's
+            ``Trainer`` fetches one batch ahead; :class:`~adaptive_batch.integrations.lightning.
+            AdaptiveBatchCallback` makes the calls). Batches are matched to steps in order. The
+            trainer then checkpoints only this stage, so :meth:`state_dict` holds the sampler's
+            state too, and batches fetched but not yet trained are handed back to it: a resumed
+            run fetches them again.
 
     Example:
         >>> import torch
@@ -113,6 +125,7 @@ class StepFeedback:
         head: nn.Module | str | None = None,
         loss: str | LossFn | HeadLoss = "cross_entropy",
         targets: int | str = 1,
+        fetched_ahead: bool = False,
     ) -> None:
         if not isinstance(sampler, FeedbackSink):
             raise AdaptiveBatchTypeError(
@@ -139,6 +152,10 @@ class StepFeedback:
         self.num_candidates = self.num_batches = self.num_unmeasured = 0
         self.last_feedback: Feedback | None = None
         self._pending: _Pending | None = None
+        self.fetched_ahead = fetched_ahead
+        if fetched_ahead:
+            check_fetched_ahead(sampler)
+        self._ahead: deque[_Pending] = deque()  # fetched, their steps not begun (fetched_ahead)
         self._assembler = ChunkAssembler(sampler) if sampler.chunk_size is not None else None  # type: ignore[arg-type]
 
     # -- the stream -------------------------------------------------------------------------------
@@ -149,6 +166,7 @@ class StepFeedback:
                 "this StepFeedback has no source of batches; use hand_out(batch)"
             )
         source = iter(self.batches)
+        self._ahead.clear()
         if self._assembler is not None:
             self._assembler.reset()
         while (batch := self.next_from(source)) is not None:
@@ -157,7 +175,8 @@ class StepFeedback:
     def next_from(self, source: Iterator[Any]) -> Any:
         """The next batch of ``source`` (``None`` at its end), after reporting the last one's
         feedback: what ``iter()`` does, for a pipeline that drives the stage itself."""
-        self.settle()
+        if not self.fetched_ahead:
+            self.settle()
         if self._assembler is not None:
             batch = self._assembler.next_batch(source)
         else:
@@ -165,12 +184,28 @@ class StepFeedback:
         return None if batch is None else self.hand_out(batch)
 
     def hand_out(self, batch: Any) -> Any:
-        """Record ``batch`` as the one being trained and return it without its indices."""
-        self.settle()
+        """Record ``batch`` as the one being trained (with ``fetched_ahead``: the next to be
+        trained) and return it without its indices."""
         indices, batch = split_indexed(batch, required=True)
         assert indices is not None
-        self._pending = _Pending(indices, get_field(batch, self.targets), indices.numel())
+        pending = _Pending(indices, get_field(batch, self.targets), indices.numel())
+        if self.fetched_ahead:
+            self._ahead.append(pending)
+        else:
+            self.settle()
+            self._pending = pending
         return batch
+
+    def begin_batch(self) -> None:
+        """The trainer starts the step of the oldest batch fetched (``fetched_ahead``)."""
+        self.settle()
+        if self._ahead:
+            self._pending = self._ahead.popleft()
+            self._pending.thread = threading.get_ident()
+
+    def end_batch(self) -> None:
+        """The trainer finished the step begun last: its feedback goes to the sampler."""
+        self.settle()
 
     @property
     def current_indices(self) -> Tensor | None:
@@ -324,10 +359,15 @@ class StepFeedback:
         }
         if self._assembler is not None:
             state[self.SAMPLER_KEY] = self.sampler.feedback_state_dict()
+        if self.fetched_ahead:  # the trainer saves this stage alone: the sampler's state too
+            return trainer_state(self.sampler, state)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.fetched_ahead:
+            state = load_trainer_state(self.sampler, state)
         require_keys(self, state, (self.CANDIDATES_KEY, self.BATCHES_KEY))
+        self._ahead.clear()
         if self._assembler is not None:
             self.sampler.load_feedback_state_dict(state[self.SAMPLER_KEY])
         self._pending = None
@@ -353,25 +393,3 @@ def _weak_hook(stage: StepFeedback) -> Any:
             method(module, args, output)
 
     return hook
-
-
-class WeightedLoss:
-    """A per-sample loss weighted by the current epoch plan and averaged, for the batch a stage
-    just yielded: InfoBatch's rescaling without a change to the loop body.
-
-    Called on the whole batch, or on consecutive parts of it (micro-batches), in order.
-    """
-
-    def __init__(self, loss_fn: LossFn, stage: StepFeedback) -> None:
-        self.loss_fn = loss_fn
-        self.stage = stage
-
-    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        losses = self.loss_fn(outputs, targets)
-        if losses.dim() != 1:
-            raise AdaptiveBatchError(
-                "WeightedLoss needs per-sample losses: give a loss with reduction='none' "
-                f"(got shape {tuple(losses.shape)})"
-            )
-        weights = self.stage._next_weights(losses.shape[0], losses.device)
-        return (losses if weights is None else losses * weights).mean()

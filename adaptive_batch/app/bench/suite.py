@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from ..paths import user_cache_dir
 from .common import describe_machine, markdown_table, pick_device
 
 __all__ = ["PARTS", "run_parts"]
@@ -154,7 +155,7 @@ def _cifar(args: argparse.Namespace, out: Path, quick: bool):
     from .cifar import load_cifar10, synthetic_cifar
 
     if args.data:
-        return load_cifar10(args.data, args.cache or out / "cache")
+        return load_cifar10(args.data, args.cache or user_cache_dir())
     if quick:
         return synthetic_cifar(1000, 300)
     raise SystemExit(
