@@ -98,3 +98,23 @@ def fetch_batch(
         [3, 1]
     """
     return collate_fn([dataset[i] for i in indices])
+
+
+def check_not_resharded(batches: Any, sampler: Any) -> None:
+    """Refuse a loader whose batch sampler wraps ``sampler`` (Accelerate's ``BatchSamplerShard``
+    after ``accelerator.prepare(loader)``, say): it would split or skip the sampler's batches,
+    which are sharded by rank already, and their feedback would never come."""
+    outer = getattr(batches, "batch_sampler", None)
+    for _ in range(4):  # a few layers of wrapping at most
+        if outer is None or outer is sampler:
+            return
+        inner = getattr(outer, "batch_sampler", None) or getattr(outer, "sampler", None)
+        if inner is sampler:
+            raise AdaptiveBatchError(
+                f"the loader's batch sampler is a {type(outer).__name__} around the "
+                "AdaptiveBatchSampler, which would re-shard its batches (they are sharded by rank "
+                "already): with Accelerate, prepare the loader with "
+                "adaptive_batch.integrations.accelerate.prepare_loader(accelerator, loader), not "
+                "accelerator.prepare(loader)"
+            )
+        outer = inner

@@ -137,6 +137,10 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         lambda self: self.sizer.requested,
         doc="The sizing rule's last answer before the caps (``+inf`` recorded as the largest size).",
     )
+    next_epoch = property(
+        lambda s: s._pending.epoch if s._pending and s._pending.remaining else s._epoch,
+        doc="The next epoch with batches to draw (a loaded pass's, resumed where it stopped).",
+    )
     feedback_lag = property(
         lambda self: dict(self.sizer.lags),
         doc="How many batches' feedback was missing when each size was decided, counted.",
@@ -145,7 +149,7 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
     @property
     def epoch(self) -> int:
         """The epoch of the pass that handed out the latest batch (else the next pass's)."""
-        return self.active.epoch if self.active is not None else self._next_epoch()
+        return self.active.epoch if self.active is not None else self.next_epoch
 
     @property
     def shard_size(self) -> int:
@@ -168,9 +172,6 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         return self.sizer.rule.noise_estimate() if self.estimates_gradient_noise else None  # type: ignore[union-attr]
 
     # -- passes --------------------------------------------------------------------------------
-
-    def _next_epoch(self) -> int:
-        return self._pending.epoch if self._pending is not None else self._epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Draw the next pass in the order of ``epoch``. Setting the epoch that a loaded,
@@ -196,7 +197,7 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         current one's while its batches await feedback (the next plan waits for their scores)."""
         run = self.active
         awaiting = run is not None and self.expects_feedback and self._unsettled(run) > 0
-        epoch = run.epoch if awaiting else self._next_epoch()  # type: ignore[union-attr]
+        epoch = run.epoch if awaiting else self.next_epoch  # type: ignore[union-attr]
         length = self.order.epoch_length(epoch)  # the epoch's plan, decided now
         if self.chunk_size is not None:
             return -(-length // self.chunk_size)
@@ -260,8 +261,7 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
 
     def add_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
         """Call ``listener(sampler, feedback)`` after each feedback is recorded and the next size
-        decided (a :class:`~adaptive_batch.observe.TrajectoryLogger`, say). Listeners are not
-        part of the sampler's state: attach them again after loading a checkpoint."""
+        decided (a :class:`~adaptive_batch.TrajectoryLogger`); not part of the state."""
         if not callable(listener):
             raise AdaptiveBatchTypeError(f"a listener must be callable; got {type(listener)}")
         self._listeners.append(listener)
@@ -276,9 +276,8 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         return [state] if self.sync is None else self.sync.states(state)
 
     def _flush_reporters(self) -> None:
-        for ref in self._flushers:
-            reporter = ref()
-            if reporter is not None:
+        for reporter in (ref() for ref in self._flushers):
+            if reporter is not None:  # (not its truth: a stage's len() may be unknown)
                 reporter.flush()
 
     def feedback(self, feedback: Feedback) -> None:

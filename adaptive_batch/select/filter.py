@@ -29,7 +29,7 @@ from ..contract import (
     trainer_state,
 )
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
-from ..load import ChunkAssembler, get_field, split_indexed, take
+from ..load import ChunkAssembler, check_not_resharded, get_field, split_indexed, take
 from ..probe import HeadProbe
 from ..sample import SizeBuckets, as_buckets
 from .ahead import FetchedAhead
@@ -125,6 +125,7 @@ class SubsetFilter:
         if sampler is None:
             _warn_if_feedback_is_lost(batches, policy)
         else:
+            check_not_resharded(batches, sampler)
             sampler.register_reporter(self)
         self.batches = batches
         self.probe = probe

@@ -26,7 +26,7 @@ from ..contract import (
     trainer_state,
 )
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
-from ..load import ChunkAssembler, get_field, split_indexed
+from ..load import ChunkAssembler, check_not_resharded, get_field, split_indexed
 from ..probe import HeadLoss, LossFn, find_head, gradient_moments, resolve_loss
 from .weighted_loss import WeightedLoss
 
@@ -132,6 +132,7 @@ class StepFeedback:
                 f"sampler must be an AdaptiveBatchSampler (a FeedbackSink); got {type(sampler).__name__}"
             )
         check_feedback_source(sizing_rule_of(sampler.policy), "training_step")
+        check_not_resharded(batches, sampler)
         self.batches = batches
         self.sampler = sampler
         self.loss = resolve_loss(loss)
