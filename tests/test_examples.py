@@ -73,3 +73,18 @@ def test_torchdata_nodes_example_resumes_exactly(tmp_path):
 def test_lr_coupling_example(tmp_path):
     out = run_example("lr_coupling.py", "--epochs", "2", cwd=tmp_path)
     assert "noise scale + AdaScale epoch" in out and "GeoDamp + damping epoch" in out
+
+
+def test_char_lm_example_selects_sequences(tmp_path):
+    out = run_example(
+        "char_lm.py", "--limit", "500", "--epochs", "4", "--warmup", "2", cwd=tmp_path
+    )
+    rows = {
+        line.split("|")[0].strip(): [float(cell) for cell in line.split("|")[1:]]
+        for line in out.splitlines()
+        if line.strip().startswith(("fixed", "small-loss"))
+    }
+    # Columns: noise in trained, after warm-up, sequences trained, test loss, seconds.
+    assert set(rows) == {"fixed", "small-loss"}
+    assert rows["small-loss"][1] < rows["fixed"][1]  # it trained on less noise after warm-up
+    assert rows["small-loss"][2] < rows["fixed"][2]  # by dropping sequences

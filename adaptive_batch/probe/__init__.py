@@ -4,7 +4,8 @@
 ``B x B`` Gram matrix: in closed form for the head types registered in
 :data:`~.head_gradients.CLOSED_FORMS` (``nn.Linear``), with ``torch.func`` in memory-bounded
 chunks otherwise (:class:`PerSampleGradients`). Losses are looked up by name in
-:data:`~.losses.LOSSES` (``"cross_entropy"``, ``"mse"``) or given as callables.
+:data:`~.losses.LOSSES` (``"cross_entropy"``, ``"mse"``, ``"sequence_cross_entropy"``) or given
+as callables.
 """
 
 from .head_gradients import (
@@ -16,7 +17,14 @@ from .head_gradients import (
     register_closed_form,
 )
 from .head_probe import HeadProbe, call_model, find_head, to_device
-from .losses import LOSSES, HeadLoss, LossFn, register_loss, resolve_loss
+from .losses import (
+    LOSSES,
+    HeadLoss,
+    LossFn,
+    register_loss,
+    resolve_loss,
+    sequence_cross_entropy,
+)
 from .per_sample import PerSampleGradients
 
 __all__ = [
@@ -35,5 +43,6 @@ __all__ = [
     "register_closed_form",
     "register_loss",
     "resolve_loss",
+    "sequence_cross_entropy",
     "to_device",
 ]

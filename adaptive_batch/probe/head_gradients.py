@@ -4,7 +4,8 @@ As opacus keeps a registry of per-layer gradient samplers, the probe keeps one o
 Gram matrices by head type (:data:`CLOSED_FORMS`, extended with :func:`register_closed_form`).
 For a linear head ``z = W a + b`` the per-sample gradient is ``g_i = delta_i (x) [a_i; 1]`` with
 ``delta_i = dloss_i / dz_i``, so ``g_i . g_j = (delta_i . delta_j) (a_i . a_j + 1)``: two
-``B x B`` products, never a ``B x C x D`` tensor. Any other head (or input shape) goes through
+``B x B`` products, never a ``B x C x D`` tensor; a head applied at every position of a
+sequence (``[B, T, D]`` inputs) sums over the sample's positions. Any other head goes through
 :func:`functorch_gram`: per-sample gradients with ``torch.func``, in memory-bounded chunks.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import AdaptiveBatchError, renamed_arguments
@@ -53,16 +55,52 @@ def closed_form_for(head: nn.Module) -> HeadGram | None:
     return None
 
 
+def _token_view(features: Tensor, delta: Tensor, name: str) -> tuple[Tensor, Tensor]:
+    """``[B, T, D]`` features and ``[B, T, C]`` deltas (``T = 1`` for ``[B, D]`` inputs)."""
+    if features.dim() < 2 or features.shape[:-1] != delta.shape[:-1]:
+        raise AdaptiveBatchError(
+            f"{name} needs [B, D] (or [B, T, D]) features and [B, C] (or [B, T, C]) deltas with "
+            f"the same leading dims; got {tuple(features.shape)} and {tuple(delta.shape)}"
+        )
+    if delta.dim() != features.dim():
+        raise AdaptiveBatchError(f"{name}: features and deltas differ in rank")
+    batch = features.shape[0]
+    return features.reshape(batch, -1, features.shape[-1]), delta.reshape(
+        batch, -1, delta.shape[-1]
+    )
+
+
+def _check_terms(weight_term: bool, bias_term: bool) -> None:
+    if not (weight_term or bias_term):
+        raise AdaptiveBatchError(
+            "a linear head with neither weight nor bias trainable has no gradient"
+        )
+
+
+def _explicit_gradients(features: Tensor, delta: Tensor, weight_term: bool, bias_term: bool):
+    """``[B, C (D + 1)]`` per-sample gradients, written out: for when that is the smaller tensor."""
+    parts = [torch.einsum("btc,btd->bcd", delta, features).flatten(1)] if weight_term else []
+    if bias_term:
+        parts.append(delta.sum(1))
+    return torch.cat(parts, dim=1)
+
+
 def linear_head_gram(
     features: Tensor, delta: Tensor, *, weight_term: bool = True, bias_term: bool = True
 ) -> Tensor:
     """Closed-form ``[B, B]`` Gram matrix of per-sample gradients of a linear head.
 
     Args:
-        features: ``[B, D]`` inputs of the head.
-        delta: ``[B, C]`` gradients of the per-sample losses with respect to the head's outputs.
+        features: ``[B, D]`` inputs of the head, or ``[B, T, D]`` for a head applied at every
+            position of a sequence (the sample's gradient sums over its positions).
+        delta: ``[B, C]`` (or ``[B, T, C]``) gradients of the per-sample losses with respect to
+            the head's outputs.
         weight_term: include the weight's gradient (``False`` when the weight is frozen).
         bias_term: include the bias's gradient (``False`` without a trainable bias).
+
+    ``g_i . g_j = sum_ts (delta_it . delta_js) (a_it . a_js + 1)``: products over pairs of
+    positions, ``(B T)^2`` numbers, or the per-sample gradients written out where ``B C (D + 1)``
+    is fewer.
 
     Example:
         >>> import torch
@@ -70,27 +108,25 @@ def linear_head_gram(
         >>> linear_head_gram(a, d).item()  # ||d||^2 * (||a||^2 + 1) = 0.5 * 6
         3.0
     """
-    if features.dim() != 2 or delta.dim() != 2 or features.shape[0] != delta.shape[0]:
-        raise AdaptiveBatchError(
-            f"linear_head_gram needs [B, D] features and [B, C] deltas; got "
-            f"{tuple(features.shape)} and {tuple(delta.shape)}"
-        )
-    if not (weight_term or bias_term):
-        raise AdaptiveBatchError(
-            "a linear head with neither weight nor bias trainable has no gradient"
-        )
-    batch = features.shape[0]
-    inner = features @ features.T if weight_term else features.new_zeros(batch, batch)
+    _check_terms(weight_term, bias_term)
+    a, d = _token_view(features, delta, "linear_head_gram")
+    (batch, steps, width), classes = a.shape, d.shape[-1]
+    if (batch * steps) ** 2 > batch * classes * (width + 1):
+        grads = _explicit_gradients(a, d, weight_term, bias_term)
+        return grads @ grads.T
+    a, d = a.flatten(0, 1), d.flatten(0, 1)
+    inner = a @ a.T if weight_term else a.new_zeros(a.shape[0], a.shape[0])
     if bias_term:
         inner = inner + 1.0
-    return (delta @ delta.T) * inner
+    pairs = (d @ d.T) * inner
+    return pairs.view(batch, steps, batch, steps).sum(dim=(1, 3))
 
 
 @register_closed_form(nn.Linear)
 def _linear(head: nn.Module, features: Tensor, delta: Callable[[], Tensor]) -> Tensor | None:
     assert isinstance(head, nn.Linear)
-    if features.dim() != 2:
-        return None  # [B, T, D] inputs: per-sample gradients sum over T; torch.func handles it
+    if features.dim() < 2:
+        return None
     return linear_head_gram(
         features,
         delta(),
@@ -103,11 +139,14 @@ def linear_head_moments(
     features: Tensor, delta: Tensor, *, weight_term: bool = True, bias_term: bool = True
 ) -> tuple[Tensor, Tensor]:
     """``([B] ||g_i||^2, ||mean_i g_i||^2)`` of a linear head's per-sample gradients in
-    ``O(B (C + D))`` memory: what sizing rules need, without a ``B x B`` Gram matrix.
+    ``O(B (C + D))`` memory for ``[B, D]`` inputs: what sizing rules need, without a ``B x B``
+    Gram matrix.
 
     ``||g_i||^2 = ||delta_i||^2 (||a_i||^2 + 1)``; the mean gradient is ``delta^T [a, 1] / B``
     (the head's own gradient shape, ``C x (D + 1)``), or, where that is larger than the batch's
-    Gram matrix, the Gram matrix's mean.
+    Gram matrix, the Gram matrix's mean. For ``[B, T, D]`` inputs (a head at every position) a
+    sample's squared norm sums over its pairs of positions (``B T^2`` numbers) or, where fewer,
+    its gradient written out (``B C (D + 1)``).
 
     Example:
         >>> import torch
@@ -116,21 +155,21 @@ def linear_head_moments(
         >>> norms.tolist(), mean.item()  # 0.5 * 6, 1 * 2; (3 + 2 + 2 * g_0 . g_1) / 4, g_0 . g_1 = 1.5
         ([3.0, 2.0], 2.0)
     """
-    if features.dim() != 2 or delta.dim() != 2 or features.shape[0] != delta.shape[0]:
-        raise AdaptiveBatchError(
-            f"linear_head_moments needs [B, D] features and [B, C] deltas; got "
-            f"{tuple(features.shape)} and {tuple(delta.shape)}"
-        )
-    batch, width = features.shape
-    classes = delta.shape[1]
-    inner = features.square().sum(1) if weight_term else features.new_zeros(batch)
-    sq_norms = delta.square().sum(1) * (inner + float(bias_term))
-    if classes * width <= batch * batch:
-        mean_sq = delta.new_zeros(())
+    _check_terms(weight_term, bias_term)
+    a, d = _token_view(features, delta, "linear_head_moments")
+    (batch, steps, width), classes = a.shape, d.shape[-1]
+    if steps * steps <= classes * (width + 1):
+        inner = a @ a.transpose(1, 2) if weight_term else a.new_zeros(batch, steps, steps)
+        sq_norms = ((d @ d.transpose(1, 2)) * (inner + float(bias_term))).sum(dim=(1, 2))
+    else:
+        sq_norms = _explicit_gradients(a, d, weight_term, bias_term).square().sum(1)
+    if classes * width <= (batch * steps) ** 2:
+        a, d = a.flatten(0, 1), d.flatten(0, 1)
+        mean_sq = d.new_zeros(())
         if weight_term:
-            mean_sq = mean_sq + (delta.T @ features).square().sum() / batch**2
+            mean_sq = mean_sq + (d.T @ a).square().sum() / batch**2
         if bias_term:
-            mean_sq = mean_sq + delta.sum(0).square().sum() / batch**2
+            mean_sq = mean_sq + d.sum(0).square().sum() / batch**2
     else:
         gram = linear_head_gram(features, delta, weight_term=weight_term, bias_term=bias_term)
         mean_sq = gram.sum() / batch**2
@@ -140,9 +179,9 @@ def linear_head_moments(
 def gradient_moments(
     head: nn.Module, features: Tensor, delta: Callable[[], Tensor]
 ) -> tuple[Tensor, Tensor] | None:
-    """:func:`linear_head_moments` for a linear head with ``[B, D]`` inputs; else the moments of
-    the registered closed-form Gram matrix; ``None`` for a head with neither."""
-    if isinstance(head, nn.Linear) and features.dim() == 2:
+    """:func:`linear_head_moments` for a linear head; else the moments of the registered
+    closed-form Gram matrix; ``None`` for a head with neither."""
+    if isinstance(head, nn.Linear) and features.dim() >= 2:
         return linear_head_moments(
             features,
             delta(),

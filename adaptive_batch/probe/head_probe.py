@@ -85,10 +85,12 @@ class HeadProbe:
         head: the head module or its name; default: the last ``nn.Linear`` in ``model``.
         loss: ``"cross_entropy"`` (class indices or probabilities; targets equal to ``-100`` are
             ignored, as by ``torch``), ``"mse"`` (regression: ``[B]`` targets for a ``[B, 1]``
-            head, or targets shaped like the outputs), or ``loss_fn(outputs, targets) ->
-            per-sample losses [B]``.
+            head, or targets shaped like the outputs), ``"sequence_cross_entropy"`` (``[B, T, V]``
+            logits, ``[B, T]`` tokens, ``-100`` for padding: the mean over a sequence's tokens;
+            :func:`~adaptive_batch.probe.sequence_cross_entropy` for another padding id), or
+            ``loss_fn(outputs, targets) -> per-sample losses [B]``.
         method: ``"gram"`` -- the closed form registered for the head's type (``nn.Linear`` with
-            ``[B, D]`` inputs); it never builds ``B x C x D`` gradients. ``"func"`` -- any head
+            ``[B, D]`` or ``[B, T, D]`` inputs); it never builds ``B x C x D`` gradients. ``"func"`` -- any head
             and loss, per-sample gradients with ``torch.func`` in memory-bounded chunks.
             ``"auto"`` (default) -- the closed form where it applies, else ``"func"``.
         mode: ``"eval"`` (default) runs the forward in eval mode: BatchNorm uses its running
@@ -186,7 +188,7 @@ class HeadProbe:
                 return gram
             if self.method == "gram":
                 raise AdaptiveBatchError(
-                    f"method='gram' needs [B, D] head inputs; got {tuple(features.shape)} "
+                    f"method='gram' needs [B, D] or [B, T, D] head inputs; got {tuple(features.shape)} "
                     "(method='func' takes any shape)"
                 )
         return functorch_gram(
@@ -220,18 +222,29 @@ class HeadProbe:
 def check_model_output(model_output: Any, head_output: Tensor, head: nn.Module) -> None:
     """Refuse a model whose output is not its head's (the loss is computed on the head's output).
 
-    Checked on every batch: identity or a view of the same memory settles it without a device
-    sync; anything else is compared value by value.
+    The model may reshape it (``squeeze(-1)`` of a ``[B, 1]`` regression head, ``[B * T, V]``
+    logits of a language model): the loss still sees the head's shape. Checked on every batch:
+    identity or a view of the same memory settles it without a device sync; anything else is
+    compared value by value.
     """
     if model_output is head_output:
         return
-    same_shape = isinstance(model_output, Tensor) and model_output.shape == head_output.shape
-    same_memory = same_shape and (
-        model_output.data_ptr() == head_output.data_ptr()
-        and model_output.stride() == head_output.stride()
+    same_numbers = (
+        isinstance(model_output, Tensor)
+        and model_output.numel() == head_output.numel()
         and model_output.dtype == head_output.dtype
     )
-    if same_memory or (same_shape and torch.equal(model_output, head_output)):
+    same_layout = same_numbers and (
+        (model_output.is_contiguous() and head_output.is_contiguous())
+        or (
+            model_output.shape == head_output.shape
+            and model_output.stride() == head_output.stride()
+        )
+    )
+    same_memory = same_layout and model_output.data_ptr() == head_output.data_ptr()
+    if same_memory or (
+        same_numbers and torch.equal(model_output.reshape(head_output.shape), head_output)
+    ):
         return
     raise AdaptiveBatchError(
         f"the model's output is not the output of its head {type(head).__name__}; the probe "

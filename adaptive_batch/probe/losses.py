@@ -18,7 +18,14 @@ from torch.func import grad, vmap
 
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
 
-__all__ = ["LOSSES", "HeadLoss", "LossFn", "register_loss", "resolve_loss"]
+__all__ = [
+    "LOSSES",
+    "HeadLoss",
+    "LossFn",
+    "register_loss",
+    "resolve_loss",
+    "sequence_cross_entropy",
+]
 
 #: ``loss_fn(outputs [B, ...], targets [B, ...]) -> per-sample losses [B]``
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -96,7 +103,8 @@ def _check_cross_entropy(logits: Tensor, targets: Tensor) -> None:
     if logits.dim() != 2:
         raise AdaptiveBatchError(
             f"loss='cross_entropy' needs [B, C] outputs; the head gives {tuple(logits.shape)}. "
-            "For other shapes pass loss=<a callable returning per-sample losses [B]>."
+            "For [B, T, V] sequence logits use loss='sequence_cross_entropy'; for other shapes "
+            "pass loss=<a callable returning per-sample losses [B]>."
         )
     if logits.shape[1] == 1:
         raise AdaptiveBatchError(
@@ -164,7 +172,55 @@ def _mse_grads(outputs: Tensor, targets: Tensor) -> Tensor:
     return 2.0 * diff / diff[0].numel()
 
 
+def sequence_cross_entropy(ignore_index: int = IGNORE_INDEX) -> HeadLoss:
+    """Cross-entropy of a sequence model: logits ``[B, T, V]``, token targets ``[B, T]``; a
+    sequence's loss is the mean over its tokens whose target is not ``ignore_index`` (padding,
+    prompt tokens), and those carry no gradient. Registered as ``"sequence_cross_entropy"`` with
+    torch's ``-100``; call it for another padding id: ``HeadProbe(model,
+    loss=sequence_cross_entropy(ignore_index=pad_id))``.
+
+    Example:
+        >>> import torch
+        >>> loss = sequence_cross_entropy()
+        >>> logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: log(4) per token
+        >>> round(loss.losses(logits, torch.tensor([[1, 2, -100]])).item(), 4)  # padding left out
+        1.3863
+    """
+
+    def check(logits: Tensor, targets: Tensor) -> None:
+        if logits.dim() != 3:
+            raise AdaptiveBatchError(
+                f"loss='sequence_cross_entropy' needs [B, T, V] logits; the head gives "
+                f"{tuple(logits.shape)} (for [B, C] use loss='cross_entropy')"
+            )
+        if targets.is_floating_point() or targets.shape != logits.shape[:2]:
+            raise AdaptiveBatchError(
+                f"loss='sequence_cross_entropy' needs integer token targets of shape [B, T] = "
+                f"{list(logits.shape[:2])}, {ignore_index} where there is no token; got "
+                f"{targets.dtype} {tuple(targets.shape)}"
+            )
+
+    def counts(targets: Tensor) -> Tensor:
+        return (targets != ignore_index).sum(dim=1).clamp_min(1)  # all padding: loss 0, not NaN
+
+    def losses(logits: Tensor, targets: Tensor) -> Tensor:
+        tokens = F.cross_entropy(
+            logits.transpose(1, 2), targets.long(), reduction="none", ignore_index=ignore_index
+        )
+        return tokens.sum(dim=1) / counts(targets)
+
+    def gradients(logits: Tensor, targets: Tensor) -> Tensor:
+        batch, steps, vocab = logits.shape
+        flat = targets.reshape(-1).long()
+        flat = flat.masked_fill(flat == ignore_index, IGNORE_INDEX)
+        delta = _cross_entropy_grads(logits.reshape(-1, vocab), flat).view(batch, steps, vocab)
+        return delta / counts(targets).to(delta.dtype).view(batch, 1, 1)
+
+    return HeadLoss("sequence_cross_entropy", losses, gradients, check)
+
+
 cross_entropy = register_loss(
     HeadLoss("cross_entropy", _cross_entropy, _cross_entropy_grads, _check_cross_entropy)
 )
 mse = register_loss(HeadLoss("mse", _mse, _mse_grads, _check_mse))
+register_loss(sequence_cross_entropy())
