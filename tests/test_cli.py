@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -11,21 +12,31 @@ from tqdm import tqdm
 from adaptive_batch.app.bench.probe_cost import measure_probe_cost
 from adaptive_batch.app.cli import main
 from adaptive_batch.app.demo import load_digits_split, run_demo, train_run
-from adaptive_batch.app.recipes import POLICY_NAMES
+from adaptive_batch.app.recipes import DEFAULT_POLICY, POLICY_NAMES
 
 
-def test_demo_writes_table_plot_and_results(tmp_path, capsys):
-    results = run_demo(seed=1, data_fraction=0.3, epochs=2, out_dir=tmp_path, show_progress=False)
+def test_demo_writes_table_plot_trajectory_and_results(tmp_path, capsys):
+    results = run_demo(seed=1, data_fraction=0.3, epochs=4, out_dir=tmp_path, show_progress=False)
     out = capsys.readouterr().out
-    assert "test acc %" in out and "fixed" in out and "edba" in out
+    assert DEFAULT_POLICY == "stale-sb"
+    assert "test acc %" in out and "fixed" in out and "stale-sb" in out
     assert "404 training samples (30% of the split)" in out
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert [r["name"] for r in saved] == ["fixed", "edba"]
-    fixed, edba = results
-    assert fixed.trained == 2 * 404  # two epochs over the subset, nothing filtered
-    assert edba.candidates == 2 * 404 and edba.trained <= edba.candidates
-    assert saved[1]["steps"] == edba.steps and 0.0 <= edba.test_accuracy <= 1.0
+    assert [r["name"] for r in saved] == ["fixed", "stale-sb"]
+    fixed, pruned = results
+    assert fixed.trained == 4 * 404  # four epochs over the subset, nothing filtered
+    assert pruned.trained == pruned.candidates < fixed.trained  # epochs were pruned
+    assert saved[1]["steps"] == pruned.steps and 0.0 <= pruned.test_accuracy <= 1.0
+    # Test accuracy after every epoch, at the samples processed by then.
+    assert [c for _, c, _, _ in fixed.curve] == [404, 808, 1212, 1616]
+    assert len(pruned.curve) == 4 and pruned.curve[-1][1] == pruned.candidates
+    # The policy's trajectory: one row per batch, the kept samples adding up to what it trained.
+    with (tmp_path / "trajectory-stale-sb.csv").open() as table:
+        rows = list(csv.DictReader(table))
+    assert len(rows) == pruned.steps
+    assert int(rows[-1]["kept_total"]) == pruned.trained
+    assert "trained vs fixed" in out and f"{pruned.trained / fixed.trained:.2f}x" in out
 
 
 def test_demo_is_reproducible(tmp_path):

@@ -17,13 +17,16 @@ def blocks(language: str) -> list[str]:
     return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
 
 
-def test_python_blocks_run_in_order():
+def test_python_blocks_run_in_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the blocks write logs and checkpoints where they run
     python = blocks("python")
     assert len(python) >= 3
     namespace: dict = {"__name__": "readme"}
     for block in python:
         exec(compile(block, "README.md", "exec"), namespace)
     assert "checkpoint" in namespace and namespace["sampler"].num_feedback > 0
+    assert (tmp_path / "runs" / "trajectory.csv").stat().st_size > 0
+    assert list((tmp_path / "runs" / "infobatch").iterdir())  # the TensorBoard event file
 
 
 def split_command(block: str) -> tuple[list[str], str]:

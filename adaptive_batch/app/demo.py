@@ -2,12 +2,15 @@
 
 Both runs share the model initialisation, optimizer settings, data split and number of epochs;
 only the batches differ. The fixed run is what a PyTorch user does today (a shuffled
-``DataLoader``); the adaptive run adds the sampler, the filter (or, for DBA, the per-layer
-backward) and the policy's learning-rate coupling where its paper has one (see ``recipes.py``).
+``DataLoader``); the adaptive run adds the sampler, its stage (feedback from the training step,
+the look-ahead filter, or for DBA the per-layer backward) and the policy's learning-rate
+coupling where its paper has one (see ``recipes.py``).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 from dataclasses import asdict
 from functools import partial
@@ -20,8 +23,8 @@ from torch.utils.data import TensorDataset
 
 from adaptive_batch.optional import require
 
-from .recipes import POLICY_NAMES
-from .runner import RunResult, RunSpec, fixed_batch_size, train
+from .recipes import DEFAULT_POLICY, POLICY_NAMES
+from .runner import RunResult, RunSpec, train
 
 __all__ = ["RunResult", "load_digits_split", "run_demo", "train_run"]
 
@@ -74,9 +77,11 @@ def train_run(
     seed: int,
     epochs: int,
     progress: Any = None,
+    trajectory: str | Path | None = None,
 ) -> RunResult:
-    """Train the demo MLP for ``epochs`` with ``name`` ("fixed", "fixed-<size>" or a policy)."""
-    spec = RunSpec(name, seed=seed, epochs=epochs, optimizer=dict(OPTIMIZER))
+    """Train the demo MLP for ``epochs`` with ``name`` ("fixed", "fixed-<size>" or a policy),
+    evaluating on the test split after every epoch."""
+    spec = RunSpec(name, seed=seed, epochs=epochs, optimizer=dict(OPTIMIZER), eval_each_epoch=True)
     return train(
         spec,
         make_model,
@@ -84,6 +89,7 @@ def train_run(
         allowed,
         evaluate=partial(accuracy, data=test),
         progress=progress,
+        trajectory=trajectory,
     )
 
 
@@ -93,10 +99,11 @@ def run_demo(
     data_fraction: float = 1.0,
     epochs: int = 30,
     out_dir: str | Path = "demo-output",
-    policy: str = "edba",
+    policy: str = DEFAULT_POLICY,
     show_progress: bool = True,
 ) -> list[RunResult]:
-    """Train twice (fixed batches, then ``policy``), print a table, save a plot and JSON."""
+    """Train twice (fixed batches, then ``policy``), print a table, save a plot, the policy's
+    trajectory (CSV) and a JSON summary."""
     if not 0.0 < data_fraction <= 1.0:
         raise ValueError(f"data_fraction must lie in (0, 1]; got {data_fraction}")
     if epochs < 1:
@@ -105,21 +112,37 @@ def run_demo(
         raise ValueError(f"unknown policy {policy!r}; choose from {', '.join(POLICY_NAMES)}")
     tqdm = require("tqdm", "demo", "the demo").tqdm
     train, test, allowed = load_digits_split(seed, data_fraction)
-    total = 2 * epochs * len(allowed)
-    with tqdm(total=total, desc="demo", unit="sample", disable=not show_progress) as progress:
-        results = [
-            train_run(name, train, test, allowed, seed=seed, epochs=epochs, progress=progress)
-            for name in ("fixed", policy)
-        ]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    trajectory = out / f"trajectory-{policy}.csv"
+    trajectory.unlink(missing_ok=True)  # a fresh run, not appended to an earlier one
+    per_run = epochs * len(allowed)  # candidates of a run that draws every sample every epoch
+    results = []
+    with tqdm(total=2 * per_run, desc="demo", unit="sample", disable=not show_progress) as progress:
+        for name in ("fixed", policy):
+            result = train_run(
+                name,
+                train,
+                test,
+                allowed,
+                seed=seed,
+                epochs=epochs,
+                progress=progress,
+                trajectory=trajectory if name == policy else None,
+            )
+            progress.total -= per_run - result.candidates  # a pruned run draws fewer
+            progress.refresh()
+            results.append(result)
     print(format_table(results, seed=seed, data_fraction=data_fraction, num_train=len(allowed)))
     save_plot(results, out / "demo.png")
     (out / "results.json").write_text(json.dumps([summary(r) for r in results], indent=2) + "\n")
     print(
         f"index set check: every index the sampler used lies in the {len(allowed)}-sample training subset"
     )
-    print(f"wrote {out / 'demo.png'} and {out / 'results.json'}")
+    written = [out / "demo.png", out / "results.json"]
+    if trajectory.exists():
+        written.append(trajectory)
+    print(f"wrote {', '.join(str(path) for path in written)}")
     return results
 
 
@@ -129,53 +152,102 @@ def summary(result: RunResult) -> dict[str, Any]:
 
 
 COLUMNS = [
-    ("run", "{:<18}", lambda r: r.name),
-    ("test acc %", "{:>10}", lambda r: f"{100 * r.test_accuracy:.2f}"),
-    ("steps", "{:>6}", lambda r: str(r.steps)),
-    ("trained", "{:>8}", lambda r: str(r.trained)),
-    ("candidates", "{:>10}", lambda r: str(r.candidates)),
-    ("mean batch", "{:>10}", lambda r: f"{r.mean_batch_size:.1f}"),
-    ("train s", "{:>7}", lambda r: f"{r.train_seconds:.2f}"),
+    ("run", "{:<18}", lambda r, base: r.name),
+    ("test acc %", "{:>10}", lambda r, base: f"{100 * r.test_accuracy:.2f}"),
+    ("best acc %", "{:>10}", lambda r, base: f"{100 * r.best_accuracy:.2f}"),
+    ("steps", "{:>6}", lambda r, base: str(r.steps)),
+    ("trained", "{:>8}", lambda r, base: str(r.trained)),
+    ("candidates", "{:>10}", lambda r, base: str(r.candidates)),
+    ("trained vs fixed", "{:>16}", lambda r, base: f"{r.trained / max(base.trained, 1):.2f}x"),
+    ("mean batch", "{:>10}", lambda r, base: f"{r.mean_batch_size:.1f}"),
+    ("train s", "{:>7}", lambda r, base: f"{r.train_seconds:.2f}"),
 ]
 
 
 def format_table(
     results: list[RunResult], *, seed: int, data_fraction: float, num_train: int
 ) -> str:
+    """One row per run; ``trained vs fixed`` is against the first run (the fixed baseline)."""
     header = " | ".join(fmt.format(name) for name, fmt, _ in COLUMNS)
     lines = [
         f"digits, seed {seed}, {num_train} training samples ({100 * data_fraction:g}% of the split)",
         header,
         "-" * len(header),
     ]
-    lines += [" | ".join(fmt.format(get(r)) for _, fmt, get in COLUMNS) for r in results]
+    base = results[0]
+    lines += [" | ".join(fmt.format(get(r, base)) for _, fmt, get in COLUMNS) for r in results]
     return "\n".join(lines)
 
 
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def _epochs(result: RunResult) -> list[tuple[int, int, int, float, float]]:
+    """Per epoch: (samples processed at its end, candidates, trained, mean candidate batch, mean
+    trained batch), from the evaluation after each epoch."""
+    rows, step, before = [], 0, (0, 0)
+    processed = list(itertools.accumulate(result.candidate_sizes))
+    for _, candidates, trained, _ in result.curve:
+        end = bisect.bisect_right(processed, candidates)
+        steps = max(end - step, 1)
+        drawn, kept = candidates - before[0], trained - before[1]
+        rows.append((candidates, drawn, kept, drawn / steps, kept / steps))
+        step, before = end, (candidates, trained)
+    return rows
+
+
 def save_plot(results: list[RunResult], path: Path) -> Path:
-    """Training loss and batch size per step for each run (matplotlib, no display needed)."""
+    """Test accuracy, training loss, batch size and samples per epoch against samples processed
+    (each sample the loader provided: what the run paid for), one colour per run; dotted: the
+    candidates a run drew, where it trained on fewer (matplotlib, no display needed)."""
     figure_module = require("matplotlib.figure", "demo", "the demo's plot")
-    figure = figure_module.Figure(figsize=(10, 4), layout="constrained")
-    loss_axes, size_axes = figure.subplots(1, 2)
+    figure = figure_module.Figure(figsize=(11, 7.5), layout="constrained")
+    (accuracy_axes, loss_axes), (size_axes, epoch_axes) = figure.subplots(2, 2)
     for result in results:
-        (line,) = loss_axes.plot(result.losses, label=result.name, linewidth=1)
-        size_axes.plot(
-            result.batch_sizes,
-            color=line.get_color(),
-            label=f"{result.name}: trained on",
-            linewidth=1,
+        processed = list(itertools.accumulate(result.candidate_sizes))
+        (line,) = accuracy_axes.plot(
+            [c for _, c, _, _ in result.curve],
+            [100 * a for _, _, _, a in result.curve],
+            marker="o",
+            markersize=2.5,
+            linewidth=1.2,
+            label=f"{result.name}: {100 * result.test_accuracy:.1f}%, {result.trained} trained",
         )
-        if fixed_batch_size(result.name) is None:
-            size_axes.plot(
-                result.candidate_sizes,
-                color=line.get_color(),
-                linestyle="--",
-                label=f"{result.name}: candidates",
-                linewidth=1,
-            )
-    loss_axes.set(xlabel="step", ylabel="training loss (batch)", yscale="log", title="loss")
-    size_axes.set(xlabel="step", ylabel="samples", title="batch size")
-    loss_axes.legend()
-    size_axes.legend()
-    figure.savefig(path, dpi=100)
+        colour = line.get_color()
+        window = max(1, len(result.losses) // 40)
+        loss_axes.plot(
+            processed, _moving_average(result.losses, window), color=colour, linewidth=1.2,
+            label=result.name,
+        )  # fmt: skip
+        epochs = _epochs(result)
+        ends = [row[0] for row in epochs]
+        drew_more = any(row[1] != row[2] for row in epochs)
+        for axes, trained_column, drawn_column in ((size_axes, 4, 3), (epoch_axes, 2, 1)):
+            axes.plot(
+                ends, [row[trained_column] for row in epochs], color=colour, linewidth=1.2,
+                marker="o", markersize=2.5, label=f"{result.name}: trained",
+            )  # fmt: skip
+            if drew_more:
+                axes.plot(
+                    ends, [row[drawn_column] for row in epochs], color=colour, linewidth=1.0,
+                    linestyle=":", label=f"{result.name}: candidates",
+                )  # fmt: skip
+    accuracy_axes.set(ylabel="test accuracy (%)", title="test accuracy after each epoch")
+    loss_axes.set(ylabel="training loss (moving average)", yscale="log", title="training loss")
+    size_axes.set(ylabel="samples per step (epoch mean)", title="batch size")
+    epoch_axes.set(ylabel="samples per epoch", title="samples per epoch")
+    size_axes.set_ylim(bottom=0)
+    epoch_axes.set_ylim(bottom=0)
+    for axes in (accuracy_axes, loss_axes, size_axes, epoch_axes):
+        axes.set_xlabel("samples processed")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.savefig(path, dpi=90)
     return path

@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,6 +29,7 @@ from adaptive_batch import (
     PerLayerBackward,
     StepFeedback,
     SubsetFilter,
+    TrajectoryLogger,
 )
 
 from .recipes import POLICY_NAMES, Recipe, recipe
@@ -220,12 +222,15 @@ def train(
     device: torch.device | str = "cpu",
     progress: Any = None,
     noisy: Tensor | None = None,
+    trajectory: str | Path | None = None,
 ) -> RunResult:
     """Train ``make_model()`` on ``train_data[allowed]`` as ``spec`` says; ``train_data[i]`` is
     ``(input, label)``. ``evaluate(model) -> accuracy`` runs at ``spec.eval_every``, after each
     epoch with ``spec.eval_each_epoch``, and at the end. ``progress`` (a tqdm bar) is advanced by
     candidates. ``noisy`` (``bool`` per dataset index) marks corrupted labels: the run counts how
-    many of the samples it trained on carry one."""
+    many of the samples it trained on carry one. ``trajectory``: a CSV file where a
+    :class:`~adaptive_batch.TrajectoryLogger` records what the sampler did, batch by batch (runs
+    with a sampler only; a fixed run has none)."""
     if not any((spec.epochs, spec.candidate_budget, spec.time_limit, spec.target_accuracy)):
         raise ValueError(
             "give the run a limit: epochs, candidate_budget, time_limit or target_accuracy"
@@ -247,6 +252,9 @@ def train(
         if weighted
         else F.cross_entropy
     )
+    logger = None
+    if trajectory is not None and pipeline.sampler is not None:
+        logger = TrajectoryLogger(pipeline.sampler, csv_path=trajectory, optimizer=optimizer)
     result = RunResult(spec.name, spec.seed)
     clock = _Clock(device)
     next_eval = spec.eval_every or 0
@@ -333,6 +341,8 @@ def train(
     clock.stop()
     if isinstance(pipeline.stage, StepFeedback):
         pipeline.stage.close()
+    if logger is not None:
+        logger.close()
     result.losses = torch.stack(step_losses).float().tolist() if step_losses else []
     if not result.curve or result.curve[-1][1] != result.candidates:
         record_evaluation()
