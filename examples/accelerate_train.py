@@ -55,7 +55,7 @@ def build(accelerator: Accelerator, args: argparse.Namespace):
     loader = prepare_loader(accelerator, DataLoader(data, batch_sampler=sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = StepFeedback(loader, model, sampler=sampler)
-    accelerator.register_for_checkpointing(sampler, batches)
+    accelerator.register_for_checkpointing(sampler)  # the state is the same on every process
     return model, optimizer, sampler, batches
 
 
@@ -91,7 +91,7 @@ def main() -> None:
     if args.save:
         epochs = 1
     if args.resume:
-        accelerator.load_state(args.resume)  # the sampler and the stage too: registered
+        accelerator.load_state(args.resume)  # the sampler too: registered
         epochs = args.epochs - sampler.next_epoch
     trained: list[list[list[int]]] = []
     train_epochs(accelerator, model, optimizer, batches, epochs, trained)

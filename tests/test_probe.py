@@ -116,19 +116,19 @@ def test_non_linear_head_uses_func_path():
         HeadProbe(model, head=head, method="gram")
 
 
-def test_sequence_features_use_func_path():
-    # A linear head over [B, T, D] features: per-sample gradients sum over T.
+def test_sequence_features_with_a_custom_loss_match_on_both_paths():
+    # A linear head over [B, T, D] features: per-sample gradients sum over T. The closed form
+    # takes it (deltas of a custom loss from torch.func), and so does the func path.
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3))
     inputs, targets = torch.randn(5, 7, 4), torch.randint(0, 3, (5, 7))
 
     def seq_loss(out, y):
         return F.cross_entropy(out.transpose(1, 2), y, reduction="none").sum(1)
 
-    result = HeadProbe(model, loss=seq_loss)(inputs, targets)
     grads, _ = per_sample_head_grads(model, model[-1], inputs, targets, seq_loss)
-    torch.testing.assert_close(result.gram, grads @ grads.T, atol=ATOL, rtol=1e-4)
-    with pytest.raises(ValueError, match=r"\[B, D\]"):
-        HeadProbe(model, loss=seq_loss, method="gram")(inputs, targets)
+    for method in ("gram", "func"):
+        result = HeadProbe(model, loss=seq_loss, method=method)(inputs, targets)
+        torch.testing.assert_close(result.gram, grads @ grads.T, atol=ATOL, rtol=1e-4)
 
 
 @pytest.mark.parametrize("frozen", ["weight", "bias", "no_bias"])

@@ -14,7 +14,7 @@ leaves the sampler as it is::
     loader = prepare_loader(accelerator, DataLoader(IndexedDataset(data), batch_sampler=sampler))
     model, optimizer = accelerator.prepare(model, optimizer)
     batches = StepFeedback(loader, model, sampler=sampler)
-    accelerator.register_for_checkpointing(sampler, batches)  # save_state / load_state
+    accelerator.register_for_checkpointing(sampler)  # save_state / load_state
 """
 
 from __future__ import annotations
