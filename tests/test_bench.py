@@ -50,6 +50,13 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     noisy = read_csv(tmp_path / "noisy-cifar.csv")
     assert [r["policy"] for r in noisy] == ["fixed", "small-loss"]
     assert float(noisy[0]["trained_noisy_fraction"]) == pytest.approx(0.4)  # fixed trains on all
+    # The arms with a sampler leave their trajectory: one row per step, kept adding up.
+    trajectories = tmp_path / "trajectories"
+    infobatch = read_csv(trajectories / "time-to-accuracy-infobatch-0.csv")
+    assert len(infobatch) == int(tta[1]["steps"])
+    assert int(infobatch[-1]["kept_total"]) == int(tta[1]["trained"])
+    assert (trajectories / "noisy-0.4-small-loss-0.csv").stat().st_size > 0
+    assert not (trajectories / "time-to-accuracy-fixed-0.csv").exists()  # a plain DataLoader
     # A second call finds every run in the CSV and trains nothing.
     before = (tmp_path / "scarce-cifar.csv").read_text()
     argv = ["bench", "scarce-cifar-100", "time-to-accuracy", "--quick", "--out", str(tmp_path)]

@@ -106,6 +106,7 @@ def run_noisy(
                 labels=labels,
                 noisy=corrupted,
                 progress=progress,
+                trajectory=Path(out_dir) / "trajectories" / f"noisy-{rate:g}-{policy}-{seed}.csv",
             )
             results.add(
                 {

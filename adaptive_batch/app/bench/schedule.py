@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,9 +69,13 @@ def run_epochs(
     labels: Tensor | None = None,
     noisy: Tensor | None = None,
     progress: Any = None,
+    trajectory: Path | None = None,
 ) -> RunResult:
     """One arm: ``policy`` (``"fixed"`` or a recipe name) trained as ``setup`` says, on the
-    training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones)."""
+    training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones).
+    ``trajectory``: a CSV file for the sampler's batch-by-batch record (written afresh)."""
+    if trajectory is not None:
+        trajectory.unlink(missing_ok=True)  # a rerun of an arm does not append to the last one
     spec = RunSpec(
         policy,
         seed=seed,
@@ -90,6 +95,7 @@ def run_epochs(
         device=device,
         progress=progress,
         noisy=noisy,
+        trajectory=trajectory,
     )
 
 

@@ -74,7 +74,10 @@ def run_time_to_accuracy(
         disable=not show_progress,
     ) as progress:
         for seed, policy in todo:
-            result = run_epochs(data, policy, seed, setup, device=device, progress=progress)
+            trajectory = Path(out_dir) / "trajectories" / f"time-to-accuracy-{policy}-{seed}.csv"
+            result = run_epochs(
+                data, policy, seed, setup, device=device, progress=progress, trajectory=trajectory
+            )
             results.add(
                 {
                     "policy": policy,
