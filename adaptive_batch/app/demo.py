@@ -115,7 +115,6 @@ def run_demo(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trajectory = out / f"trajectory-{policy}.csv"
-    trajectory.unlink(missing_ok=True)  # a fresh run, not appended to an earlier one
     per_run = epochs * len(allowed)  # candidates of a run that draws every sample every epoch
     results = []
     with tqdm(total=2 * per_run, desc="demo", unit="sample", disable=not show_progress) as progress:
@@ -189,11 +188,11 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
-def _epochs(result: RunResult) -> list[tuple[int, int, int, float, float]]:
+def _epochs(result: RunResult, processed: list[int]) -> list[tuple[int, int, int, float, float]]:
     """Per epoch: (samples processed at its end, candidates, trained, mean candidate batch, mean
-    trained batch), from the evaluation after each epoch."""
+    trained batch), from the evaluation after each epoch; ``processed``: samples processed after
+    each step."""
     rows, step, before = [], 0, (0, 0)
-    processed = list(itertools.accumulate(result.candidate_sizes))
     for _, candidates, trained, _ in result.curve:
         end = bisect.bisect_right(processed, candidates)
         steps = max(end - step, 1)
@@ -226,7 +225,7 @@ def save_plot(results: list[RunResult], path: Path) -> Path:
             processed, _moving_average(result.losses, window), color=colour, linewidth=1.2,
             label=result.name,
         )  # fmt: skip
-        epochs = _epochs(result)
+        epochs = _epochs(result, processed)
         ends = [row[0] for row in epochs]
         drew_more = any(row[1] != row[2] for row in epochs)
         for axes, trained_column, drawn_column in ((size_axes, 4, 3), (epoch_axes, 2, 1)):

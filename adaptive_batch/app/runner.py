@@ -230,7 +230,8 @@ def train(
     candidates. ``noisy`` (``bool`` per dataset index) marks corrupted labels: the run counts how
     many of the samples it trained on carry one. ``trajectory``: a CSV file where a
     :class:`~adaptive_batch.TrajectoryLogger` records what the sampler did, batch by batch (runs
-    with a sampler only; a fixed run has none)."""
+    with a sampler only; a fixed run has none), written afresh: a run here never resumes, so it
+    does not append to an earlier run's file as a resumed training run would."""
     if not any((spec.epochs, spec.candidate_budget, spec.time_limit, spec.target_accuracy)):
         raise ValueError(
             "give the run a limit: epochs, candidate_budget, time_limit or target_accuracy"
@@ -254,6 +255,7 @@ def train(
     )
     logger = None
     if trajectory is not None and pipeline.sampler is not None:
+        Path(trajectory).unlink(missing_ok=True)
         logger = TrajectoryLogger(pipeline.sampler, csv_path=trajectory, optimizer=optimizer)
     result = RunResult(spec.name, spec.seed)
     clock = _Clock(device)

@@ -5,6 +5,7 @@ nothing else in it."""
 from .feedback_sink import (
     ChunkPlanner,
     FeedbackSink,
+    check_feedback_sink,
     check_fetched_ahead,
     load_trainer_state,
     trainer_state,
@@ -58,6 +59,7 @@ __all__ = [
     "SizingRule",
     "Stateful",
     "Stateless",
+    "check_feedback_sink",
     "check_feedback_source",
     "check_fetched_ahead",
     "check_whole_batch_policy",

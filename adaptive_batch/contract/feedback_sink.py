@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from ..errors import AdaptiveBatchError
+from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
 from .messages import Feedback
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "SAMPLER_STATE_KEY",
     "ChunkPlanner",
     "FeedbackSink",
+    "check_feedback_sink",
     "check_fetched_ahead",
     "load_trainer_state",
     "trainer_state",
@@ -66,6 +67,14 @@ class ChunkPlanner(Protocol):
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out from where it started
         (the same for every chunk of a pass; the consumer counts down from it)."""
+
+
+def check_feedback_sink(sampler: Any) -> None:
+    """A stage reports to a sampler that takes feedback (the ``sampler=`` of every stage)."""
+    if not isinstance(sampler, FeedbackSink):
+        raise AdaptiveBatchTypeError(
+            f"sampler must be an AdaptiveBatchSampler (a FeedbackSink); got {type(sampler).__name__}"
+        )
 
 
 # -- stages a trainer drives (fetched_ahead=True) ----------------------------------------------

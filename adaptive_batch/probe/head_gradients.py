@@ -62,8 +62,6 @@ def _token_view(features: Tensor, delta: Tensor, name: str) -> tuple[Tensor, Ten
             f"{name} needs [B, D] (or [B, T, D]) features and [B, C] (or [B, T, C]) deltas with "
             f"the same leading dims; got {tuple(features.shape)} and {tuple(delta.shape)}"
         )
-    if delta.dim() != features.dim():
-        raise AdaptiveBatchError(f"{name}: features and deltas differ in rank")
     batch = features.shape[0]
     return features.reshape(batch, -1, features.shape[-1]), delta.reshape(
         batch, -1, delta.shape[-1]

@@ -18,6 +18,7 @@ from ..contract import (
     Reason,
     Selection,
     SelectionRule,
+    check_feedback_sink,
     check_feedback_source,
     check_fetched_ahead,
     check_whole_batch_policy,
@@ -107,10 +108,8 @@ class SubsetFilter:
         buckets: SizeBuckets | int | Sequence[int] | None = None,
         fetched_ahead: bool = False,
     ) -> None:
-        if sampler is not None and not isinstance(sampler, FeedbackSink):
-            raise AdaptiveBatchTypeError(
-                f"sampler must be an AdaptiveBatchSampler (a FeedbackSink); got {type(sampler).__name__}"
-            )
+        if sampler is not None:
+            check_feedback_sink(sampler)
         if policy is None and sampler is not None:
             policy = sampler.policy
         check_whole_batch_policy(policy, "filtering a batch")

@@ -18,6 +18,7 @@ from ..contract import (
     Feedback,
     FeedbackSink,
     Reason,
+    check_feedback_sink,
     check_feedback_source,
     check_fetched_ahead,
     load_trainer_state,
@@ -127,10 +128,7 @@ class StepFeedback:
         targets: int | str = 1,
         fetched_ahead: bool = False,
     ) -> None:
-        if not isinstance(sampler, FeedbackSink):
-            raise AdaptiveBatchTypeError(
-                f"sampler must be an AdaptiveBatchSampler (a FeedbackSink); got {type(sampler).__name__}"
-            )
+        check_feedback_sink(sampler)
         check_feedback_source(sizing_rule_of(sampler.policy), "training_step")
         check_not_resharded(batches, sampler)
         self.batches = batches

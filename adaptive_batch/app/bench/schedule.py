@@ -73,9 +73,7 @@ def run_epochs(
 ) -> RunResult:
     """One arm: ``policy`` (``"fixed"`` or a recipe name) trained as ``setup`` says, on the
     training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones).
-    ``trajectory``: a CSV file for the sampler's batch-by-batch record (written afresh)."""
-    if trajectory is not None:
-        trajectory.unlink(missing_ok=True)  # a rerun of an arm does not append to the last one
+    ``trajectory``: a CSV file for the sampler's batch-by-batch record."""
     spec = RunSpec(
         policy,
         seed=seed,
