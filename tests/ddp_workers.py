@@ -165,7 +165,7 @@ def planned_training(rank: int, world: int, port: int, results) -> None:
             report["tables"].append(
                 hashlib.sha1(
                     table.losses.nan_to_num(-1).numpy().tobytes()
-                    + table.times_scored.numpy().tobytes()
+                    + table.times_kept.numpy().tobytes()
                 ).hexdigest()
             )
             report["drawn"].append(drawn)

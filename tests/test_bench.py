@@ -46,7 +46,11 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     assert "LEAK" not in (tmp_path / "scarce-cifar.md").read_text()
     assert all(int(r["candidates"]) >= 800 for r in scarce)  # the quick budget
     tta = read_csv(tmp_path / "time-to-accuracy.csv")
-    assert [r["policy"] for r in tta] == ["fixed", "infobatch", "gns-free"]
+    # the policy, then its budget-matched controls: the shortened schedule and RS2
+    assert [r["policy"] for r in tta] == ["fixed", "infobatch", "short@infobatch", "rs2@infobatch"]
+    fraction = int(tta[1]["trained"]) / int(tta[0]["trained"])
+    assert float(tta[3]["fraction"]) == pytest.approx(fraction, abs=1e-4)
+    assert int(tta[2]["epochs"]) == max(1, round(fraction * int(tta[0]["epochs"])))
     noisy = read_csv(tmp_path / "noisy-cifar.csv")
     assert [r["policy"] for r in noisy] == ["fixed", "small-loss"]
     assert float(noisy[0]["trained_noisy_fraction"]) == pytest.approx(0.4)  # fixed trains on all
@@ -62,7 +66,7 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     argv = ["bench", "scarce-cifar-100", "time-to-accuracy", "--quick", "--out", str(tmp_path)]
     assert main([*argv, "--no-progress"]) == 0
     assert (tmp_path / "scarce-cifar.csv").read_text() == before
-    assert len(read_csv(tmp_path / "time-to-accuracy.csv")) == 3
+    assert len(read_csv(tmp_path / "time-to-accuracy.csv")) == 4
     assert "90.69 ± 0.17" in capsys.readouterr().out  # the paper's figure beside ours
 
 

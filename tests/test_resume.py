@@ -164,7 +164,7 @@ def final_state(run: Run) -> tuple:
     scores = run.sampler.ledger
     return (
         scores.losses.nan_to_num(-1).tolist(),
-        scores.times_scored.tolist(),
+        scores.times_kept.tolist(),
         run.sampler.sizer.size,
     )
 

@@ -59,6 +59,7 @@ def reference_feedback(model: nn.Module, data: TensorDataset, indices: torch.Ten
 
 def test_reports_what_a_per_sample_loop_measures_for_each_batch():
     data, model, sampler, batches = setup()
+    sampler.add_listener(lambda sampler, feedback: None)  # a reader of the statistics
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     expected = []
     for x, y in batches:
@@ -86,7 +87,8 @@ def test_reports_what_a_per_sample_loop_measures_for_each_batch():
 def test_each_batch_s_own_forward_is_measured():
     # Batch by batch: the feedback of batch k (reported when batch k+1 is asked for) equals the
     # reference at the parameters batch k was trained with.
-    data, model, _sampler, batches = setup()
+    data, model, sampler, batches = setup()
+    sampler.add_listener(lambda sampler, feedback: None)  # a reader of the statistics
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     pending = None
     for x, y in batches:
@@ -189,7 +191,7 @@ def test_workers_prefetching_and_chunks(chunk_size):
             F.cross_entropy(model(x), y).backward()
             candidates += len(y)
         assert candidates == 96
-    assert int(sampler.ledger.times_scored.sum()) == 192 and batches.num_unmeasured == 0
+    assert sampler.ledger.num_scored == 192 and batches.num_unmeasured == 0
 
 
 def test_reported_losses_need_no_hook():
@@ -201,7 +203,7 @@ def test_reported_losses_need_no_hook():
         losses = F.cross_entropy(model(x), y, reduction="none")
         batches.report_losses(losses)
         losses.mean().backward()
-    assert sampler.ledger.times_scored.sum() == 40
+    assert sampler.ledger.num_scored == 40
     with pytest.raises(AdaptiveBatchError, match="10 per-sample losses"):
         batches.hand_out(next(iter(DataLoader(IndexedDataset(data), batch_sampler=sampler))))
         batches.report_losses(torch.zeros(3))
@@ -257,3 +259,32 @@ def test_state_dict_reports_the_batch_just_trained_first():
     assert sampler.num_feedback == 1 and state["num_batches"] == 1
     assert not math.isnan(batches.last_feedback.stats["loss"])
     assert batches.last_feedback.reason == Reason.KEEP_ALL
+
+
+def test_computes_the_statistics_only_when_something_reads_them():
+    # An epoch plan reads per-sample losses only: no head-gradient statistics are computed.
+    _, model, _, batches = setup(policy=InfoBatch())
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+    assert set(batches.last_feedback.stats) == {"loss"}
+    assert not batches.wants_statistics
+    # A sizing rule reads them.
+    _, model, _, batches = setup(policy=GradientNoiseScale())
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+    assert {"grad_sq_norm", "grad_variance"} <= set(batches.last_feedback.stats)
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_a_report_lag_delays_feedback_but_an_epoch_ends_with_all_of_it(lag):
+    data, model, sampler, _ = setup(policy=InfoBatch())
+    loader = DataLoader(IndexedDataset(data), batch_sampler=sampler)
+    batches = StepFeedback(loader, model, sampler=sampler, report_lag=lag)
+    seen = 0
+    for x, y in batches:
+        F.cross_entropy(model(x), y).backward()
+        seen += 1
+        # the batch just trained and ``lag`` before it are still on their way
+        assert sampler.num_feedback == max(seen - 1 - lag, 0)
+    assert sampler.num_feedback == seen  # the epoch's end waits for all of it
+    assert sampler.ledger.num_scored == len(data)

@@ -20,6 +20,7 @@ from adaptive_batch.policies import (
     GradientNoiseScale,
     InfoBatch,
     PadaDamp,
+    RandomSubset,
     SelectiveBackprop,
     SmallLoss,
     StaleSelectiveBackprop,
@@ -49,10 +50,27 @@ POLICY_NAMES = (
     "infobatch-no-rescale",
     "small-loss",
     "small-loss-lookahead",
+    "rs2",
 )
+RS2_FRACTION = 0.5  # "rs2" alone; "rs2-<fraction>" names another (the benchmarks' matched controls)
 #: How a recipe's feedback reaches the sampler: a look-ahead probe in a SubsetFilter, the training
-#: step's own forward (StepFeedback: no extra forward), or DBA's per-layer backward.
-STAGES = ("look_ahead", "training_step", "per_layer")
+#: step's own forward (StepFeedback: no extra forward), DBA's per-layer backward, or no feedback at
+#: all (RS2's plan reads no scores).
+STAGES = ("look_ahead", "training_step", "per_layer", "none")
+
+
+def rs2_fraction(name: str) -> float | None:
+    """The fraction of an ``"rs2"`` or ``"rs2-<fraction>"`` run name (``None``: another name)."""
+    if name == "rs2":
+        return RS2_FRACTION
+    prefix, _, value = name.partition("-")
+    if prefix != "rs2" or not value:
+        return None
+    try:
+        fraction = float(value)
+    except ValueError:
+        return None
+    return fraction if 0.0 < fraction <= 1.0 else None
 
 
 @dataclass(frozen=True)
@@ -148,6 +166,10 @@ def recipe(
         rescale = name == "infobatch"
         plan = InfoBatch(prune_ratio=0.5, delta=0.875, num_epochs=epochs, rescale=rescale)
         return Recipe(name, plan, stage="training_step", weighted=rescale, **constant)
+    if (fraction := rs2_fraction(name)) is not None:
+        # RS2: a fresh random part each epoch, the same schedule over the same epochs.
+        plan = RandomSubset(fraction, seed=seed)
+        return Recipe(name, plan, stage="none", **constant)
     if name == "small-loss":
         return Recipe(name, SmallLoss(), stage="training_step", **constant)
     if name == "small-loss-lookahead":

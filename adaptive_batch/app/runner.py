@@ -32,7 +32,7 @@ from adaptive_batch import (
     TrajectoryLogger,
 )
 
-from .recipes import POLICY_NAMES, Recipe, recipe
+from .recipes import POLICY_NAMES, Recipe, recipe, rs2_fraction
 
 __all__ = ["RunResult", "RunSpec", "check_run_name", "fixed_batch_size", "train"]
 
@@ -53,9 +53,10 @@ def fixed_batch_size(name: str) -> int | None:
 
 
 def check_run_name(name: str) -> None:
-    if name not in POLICY_NAMES and fixed_batch_size(name) is None:
+    if name not in POLICY_NAMES and fixed_batch_size(name) is None and rs2_fraction(name) is None:
         raise ValueError(
-            f"unknown run {name!r}: fixed, fixed-<size> or one of {', '.join(POLICY_NAMES)}"
+            f"unknown run {name!r}: fixed, fixed-<size>, rs2-<fraction> or one of "
+            f"{', '.join(POLICY_NAMES)}"
         )
 
 
@@ -205,6 +206,8 @@ def _pipeline(
     if r.stage == "per_layer":
         stage: Any = PerLayerBackward(model, r.policy, sampler=sampler)
         return _Pipeline(loader, sampler, r, stage, coupling)
+    if r.stage == "none":  # the plan needs no feedback: the loader alone
+        return _Pipeline(loader, sampler, r, None, coupling)
     if r.stage == "training_step":
         stage = StepFeedback(loader, model, sampler=sampler)
     else:

@@ -276,19 +276,36 @@ class ScoreTable:
 
     Attributes:
         losses: ``float32``: the latest per-sample loss feedback reported (``nan`` if none yet).
-        times_scored: ``int32``: how many losses were reported for the index.
         times_kept, times_dropped: ``int32``: how often feedback kept or dropped it.
     """
 
     losses: Tensor
-    times_scored: Tensor
     times_kept: Tensor
     times_dropped: Tensor
 
     @property
     def scored(self) -> Tensor:
         """``bool``: the indices with a loss."""
-        return self.times_scored > 0
+        return ~self.losses.isnan()
+
+    @classmethod
+    def empty(cls, size: int) -> ScoreTable:
+        """The table of ``size`` indices before any feedback."""
+        counts = torch.zeros(size, dtype=torch.int32)
+        return cls(torch.full((size,), float("nan")), counts, counts.clone())
+
+    @classmethod
+    def of_losses(cls, losses: Tensor) -> ScoreTable:
+        """A table with these losses (``nan``: none yet) and no counts, for a plan's doctest or
+        a test.
+
+        Example:
+            >>> import torch
+            >>> ScoreTable.of_losses(torch.tensor([0.5, float("nan")])).scored.tolist()
+            [True, False]
+        """
+        counts = torch.zeros(losses.numel(), dtype=torch.int32)
+        return cls(losses.to(torch.float32), counts, counts.clone())
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .dba import DBA, DBASelection, DBASizing
 from .edba import EDBA, EDBASelection, EDBASizing
 from .gns import GradientNoiseScale
 from .infobatch import InfoBatch
+from .random_subset import RandomSubset
 from .selective_backprop import SelectiveBackprop, StaleSelectiveBackprop
 from .small_loss import SmallLoss, SmallLossPlan, SmallLossSelection
 
@@ -48,6 +49,7 @@ __all__ = [
     "LayerSelectionRule",
     "PadaDamp",
     "Policy",
+    "RandomSubset",
     "SelectionRule",
     "SelectiveBackprop",
     "SizingRule",

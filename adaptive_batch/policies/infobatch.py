@@ -41,8 +41,7 @@ class InfoBatch(Stateless):
         >>> import torch
         >>> from adaptive_batch.contract import ScoreTable
         >>> losses = torch.tensor([0.1, 0.2, 0.3, 2.0, 3.0, float("nan")])
-        >>> scores = ScoreTable(losses, (~losses.isnan()).int(), torch.zeros(6, dtype=torch.int32), torch.zeros(6, dtype=torch.int32))
-        >>> plan = InfoBatch(prune_ratio=0.5).plan(0, scores, torch.Generator().manual_seed(0))
+        >>> plan = InfoBatch(prune_ratio=0.5).plan(0, ScoreTable.of_losses(losses), torch.Generator().manual_seed(0))
         >>> int(plan.drawn.sum()), sorted(set(plan.weights[plan.drawn].tolist()))  # 1 of 3 pruned
         (5, [1.0, 2.0])
     """

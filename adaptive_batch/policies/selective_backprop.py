@@ -138,8 +138,7 @@ class StaleSelectiveBackprop(Stateless):
         >>> import torch
         >>> from adaptive_batch.contract import ScoreTable
         >>> losses = torch.arange(1000.0)
-        >>> scores = ScoreTable(losses, torch.ones(1000, dtype=torch.int32), torch.zeros(1000, dtype=torch.int32), torch.zeros(1000, dtype=torch.int32))
-        >>> plan = StaleSelectiveBackprop(keep=0.5).plan(1, scores, torch.Generator().manual_seed(0))
+        >>> plan = StaleSelectiveBackprop(keep=0.5).plan(1, ScoreTable.of_losses(losses), torch.Generator().manual_seed(0))
         >>> round(plan.drawn.float().mean().item(), 1), bool(plan.drawn[900:].float().mean() > 0.8)
         (0.5, True)
     """

@@ -23,14 +23,24 @@ def _check(fraction: float | None, max_fraction: float) -> None:
         raise AdaptiveBatchError(f"max_fraction must lie in [0, 1); got {max_fraction}")
 
 
+#: The mixture is fitted to at most this many losses (a seeded random sample of them beyond):
+#: two Gaussians need no more, and a plan over 10M samples stays a second's work.
+MIXTURE_SAMPLE = 100_000
+
+
 def high_loss_drops(
     losses: Tensor, reference: Tensor, fraction: float | None, max_fraction: float
 ) -> tuple[Tensor, dict[str, float]]:
     """``bool`` mask of the ``losses`` to drop: the highest ``fraction`` of them, or (``fraction``
-    ``None``) those a two-component mixture fitted to ``reference`` calls noisy, at most
-    ``max_fraction`` of them, the highest first."""
+    ``None``) those a two-component mixture fitted to ``reference`` (a seeded sample of
+    :data:`MIXTURE_SAMPLE` of it, when larger) calls noisy, at most ``max_fraction`` of them,
+    the highest first."""
     count = losses.numel()
     if fraction is None:
+        if reference.numel() > MIXTURE_SAMPLE:
+            generator = torch.Generator().manual_seed(reference.numel())
+            sample = torch.randint(0, reference.numel(), (MIXTURE_SAMPLE,), generator=generator)
+            reference = reference[sample]
         mixture = fit_loss_mixture(reference)
         if mixture is None:
             return torch.zeros(count, dtype=torch.bool), {"estimated_fraction": 0.0}

@@ -16,7 +16,7 @@ from .head_gradients import (
     linear_head_moments,
     register_closed_form,
 )
-from .head_probe import HeadProbe, call_model, find_head, to_device
+from .head_probe import HeadProbe, call_model, check_model_output, find_head, to_device
 from .losses import (
     LOSSES,
     HeadLoss,
@@ -35,6 +35,7 @@ __all__ = [
     "LossFn",
     "PerSampleGradients",
     "call_model",
+    "check_model_output",
     "find_head",
     "functorch_gram",
     "gradient_moments",

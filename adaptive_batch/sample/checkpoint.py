@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..errors import AdaptiveBatchError
+from .passes import SamplerPass
 
 if TYPE_CHECKING:
     from .sampler import AdaptiveBatchSampler
 
-__all__ = ["VERSION", "check_state", "sampler_config"]
+__all__ = ["VERSION", "SamplerCheckpoint", "check_state", "sampler_config"]
 
 VERSION = 3
 
@@ -74,3 +75,69 @@ def _from_version_2(state: dict[str, Any]) -> dict[str, Any]:
         converted["ledger"] = state["ledger"]
         converted["num_dropped_tails"] = state["num_dropped_tails"]
     return converted
+
+
+class SamplerCheckpoint:
+    """Mixin: :class:`~adaptive_batch.AdaptiveBatchSampler`'s ``state_dict`` and its feedback side."""
+
+    VERSION_KEY, CONFIG_KEY, EPOCH_KEY, PASS_KEY = "version", "config", "epoch", "pass"
+    SIZER_KEY, LEDGER_KEY, TAILS_KEY, ORDER_KEY = "sizer", "ledger", "num_dropped_tails", "order"
+
+    def feedback_state_dict(self) -> dict[str, Any]:
+        """The feedback side: the sizing rule, the current size and the per-index counts. With
+        a ``chunk_size`` the consumer saves it (as of the last batch it consumed)."""
+        self.receiver.flush_reporters()
+        return {
+            self.VERSION_KEY: VERSION,
+            self.CONFIG_KEY: sampler_config(self),
+            self.SIZER_KEY: self.sizer.state_dict(),
+            self.LEDGER_KEY: self.ledger.state_dict(),
+            self.TAILS_KEY: self.num_dropped_tails,
+        }
+
+    def load_feedback_state_dict(self, state: dict[str, Any]) -> None:
+        state = check_state(state, sampler_config(self))
+        self.sizer.load_state_dict(state[self.SIZER_KEY])
+        self.ledger.load_state_dict(state[self.LEDGER_KEY])
+        self.num_dropped_tails = state[self.TAILS_KEY]
+
+    def state_dict(self) -> dict[str, Any]:
+        """The epoch, the position of the pass that handed out the latest batch and, without a
+        ``chunk_size``, the feedback side (:meth:`feedback_state_dict`). Whole batches handed
+        out but awaiting feedback (fetched ahead of training by a prefetching loader or trainer)
+        are handed back: a resumed pass hands them out again, at the same sizes, first."""
+        run = self._pending or self.active
+        state = {
+            self.VERSION_KEY: VERSION,
+            self.CONFIG_KEY: sampler_config(self),
+            self.EPOCH_KEY: self._epoch,
+            self.PASS_KEY: None,
+            self.ORDER_KEY: self.order.state_dict(),
+        }
+        if self.chunk_size is None:
+            state.update(self.feedback_state_dict())  # reporters flush first: then count
+        if run is not None:
+            unsettled = 0
+            if self.chunk_size is None and self.expects_feedback and run is self.active:
+                # Batches fetched ahead of training (a prefetching loader or trainer) are handed
+                # back, to be handed out again at the same sizes after a resume.
+                unsettled = self._unsettled(run)
+            state[self.PASS_KEY] = run.state_dict(unsettled)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next ``iter()`` resumes the saved pass."""
+        state = check_state(state, sampler_config(self))
+        if self.chunk_size is None:
+            self.load_feedback_state_dict(state)
+        self.ledger.clear_in_flight()
+        self._chunks.clear()
+        self.order.load_state_dict(state.get(self.ORDER_KEY, {}))
+        self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
+        if (saved := state[self.PASS_KEY]) is not None:
+            self._pending = SamplerPass(
+                self,
+                saved[SamplerPass.EPOCH_KEY],
+                saved[SamplerPass.POSITION_KEY],
+                saved.get(SamplerPass.REPLAY_KEY, ()),
+            )

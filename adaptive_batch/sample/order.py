@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Callable, Sequence, Set
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,7 +47,7 @@ class IndexOrder:
         num_replicas: int,
         rank: int,
         rule: EpochPlanRule | None = None,
-        scores: Callable[[Tensor], ScoreTable] | None = None,
+        scores: Callable[[Tensor | None], ScoreTable] | None = None,
     ) -> None:
         self.dataset_size = dataset_size
         self.indices = self.check_indices(indices, dataset_size)
@@ -60,8 +61,14 @@ class IndexOrder:
             raise AdaptiveBatchError(
                 f"{self.indices.numel()} indices cannot give each of {num_replicas} replicas one"
             )
+        # The index set is the whole dataset in its order: scores and weights need no gather.
+        self._whole = self.indices.numel() == dataset_size and bool(
+            (self.indices == torch.arange(dataset_size)).all()
+        )
         self._plans: dict[int, EpochPlan] = {}
-        self._cached: tuple[int, Tensor] | None = None
+        self._counts: dict[int, int] = {}
+        self._cached: tuple[int, np.ndarray] | None = None
+        self._weights_by_index: tuple[int, np.ndarray] | None = None
 
     @staticmethod
     def check_indices(indices: Sequence[int] | Tensor | None, dataset_size: int) -> Tensor:
@@ -98,27 +105,36 @@ class IndexOrder:
             else:
                 assert self.scores is not None
                 generator = torch.Generator().manual_seed((self.seed + 7919 * (epoch + 1)) % 2**62)
-                plan = self.rule.plan(epoch, self.scores(self.indices), generator)
+                table = self.scores(None if self._whole else self.indices)
+                plan = self.rule.plan(epoch, table, generator)
                 if plan.drawn.shape != (size,):
                     raise AdaptiveBatchError(
                         f"{type(self.rule).__name__} planned {plan.drawn.numel()} entries for an "
                         f"index set of {size}"
                     )
-                if int(plan.drawn.sum()) < self.num_replicas:
-                    raise AdaptiveBatchError(
-                        f"{type(self.rule).__name__} planned {int(plan.drawn.sum())} indices for "
-                        f"epoch {epoch}: fewer than the {self.num_replicas} replicas"
-                    )
-            self._plans[epoch] = plan
-            for old in sorted(self._plans)[:-3]:  # keep the few epochs a pass can still be in
-                if old != epoch:
-                    del self._plans[old]
+            self._remember(epoch, plan)
         return self._plans[epoch]
+
+    def _remember(self, epoch: int, plan: EpochPlan) -> None:
+        """Keep the plan and its count (counted once: per step it is read, never recounted)."""
+        count = int(plan.drawn.sum())
+        if count < self.num_replicas:
+            raise AdaptiveBatchError(
+                f"{type(self.rule).__name__} planned {count} indices for epoch {epoch}: fewer "
+                f"than the {self.num_replicas} replicas"
+            )
+        self._plans[epoch] = plan
+        self._counts[epoch] = count
+        for old in sorted(self._plans)[:-3]:  # keep the few epochs a pass can still be in
+            if old != epoch:
+                del self._plans[old], self._counts[old]
 
     def order(self, epoch: int) -> Tensor:
         """The indices the whole job draws in ``epoch``, in order (the same on every rank)."""
         plan = self.decide(epoch)
-        drawn = self.indices if bool(plan.drawn.all()) else self.indices[plan.drawn]
+        drawn = (
+            self.indices if self._counts[epoch] == plan.drawn.numel() else self.indices[plan.drawn]
+        )
         if not self.shuffle:
             return drawn
         generator = torch.Generator().manual_seed(self.seed + epoch)
@@ -129,30 +145,38 @@ class IndexOrder:
         share = order.numel() // self.num_replicas
         return order[: share * self.num_replicas][self.rank :: self.num_replicas]
 
-    def epoch_indices(self, epoch: int) -> Tensor:
-        """This rank's indices for ``epoch``, in the order they are drawn."""
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """This rank's indices for ``epoch``, in the order they are drawn (an ``int64`` array:
+        a pass slices it per batch)."""
         if self._cached is None or self._cached[0] != epoch:
-            self._cached = (epoch, self.shard(self.order(epoch)))
+            self._cached = (epoch, self.shard(self.order(epoch)).contiguous().numpy())
         return self._cached[1]
 
     def epoch_length(self, epoch: int | None = None) -> int:
         """How many indices this rank draws in ``epoch`` (deciding its plan); without an epoch,
         in the latest epoch already planned (the whole share before any plan)."""
         if epoch is None:
-            plans = [self._plans[e] for e in sorted(self._plans)]
-            drawn = int(plans[-1].drawn.sum()) if plans else self.indices.numel()
+            drawn = self._counts[max(self._counts)] if self._counts else self.indices.numel()
         else:
-            drawn = int(self.decide(epoch).drawn.sum())
+            self.decide(epoch)
+            drawn = self._counts[epoch]
         return drawn // self.num_replicas
 
-    def weights(self, epoch: int, dataset_indices: Tensor) -> Tensor | None:
-        """The plan's weights of these dataset indices in ``epoch`` (``None``: all 1)."""
+    def weights(self, epoch: int, dataset_indices: np.ndarray) -> np.ndarray | None:
+        """The plan's weights of these dataset indices in ``epoch`` (``None``: all 1). The
+        first call of an epoch lays the plan's weights out by dataset index (once per epoch);
+        each call after that is a gather of the batch's entries."""
         plan = self._plans.get(epoch)
         if plan is None or plan.weights is None:
             return None
-        by_index = torch.ones(self.dataset_size)
-        by_index[self.indices] = plan.weights
-        return by_index[dataset_indices]
+        if self._weights_by_index is None or self._weights_by_index[0] != epoch:
+            weights = plan.weights.to(torch.float32)
+            if not self._whole:
+                by_index = torch.ones(self.dataset_size)
+                by_index[self.indices] = weights
+                weights = by_index
+            self._weights_by_index = (epoch, weights.contiguous().numpy())
+        return self._weights_by_index[1][dataset_indices]
 
     def digest(self, epoch: int | None = None) -> str:
         """A short fingerprint of the index set (and of an epoch's plan): ranks compare it."""
@@ -172,10 +196,10 @@ class IndexOrder:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._plans = {
-            int(epoch): EpochPlan(p["drawn"].clone(), p["weights"], p["stats"])
-            for epoch, p in state.get(self.PLANS_KEY, {}).items()
-        }
+        self._plans, self._counts = {}, {}
+        for epoch, p in sorted(state.get(self.PLANS_KEY, {}).items()):
+            self._remember(int(epoch), EpochPlan(p["drawn"].clone(), p["weights"], p["stats"]))
         if self.rule is not None and state.get(self.RULE_KEY) is not None:
             self.rule.load_state_dict(state[self.RULE_KEY])
         self._cached = None
+        self._weights_by_index = None

@@ -47,7 +47,7 @@ class SamplerPass(Iterator[list[int]]):
     def _seek(self, epoch: int, position: int, replay: Sequence[int] = ()) -> None:
         self.epoch = epoch
         self.indices = self.sampler.order.epoch_indices(epoch)
-        self.start = self.position = min(position, self.indices.numel())
+        self.start = self.position = min(position, self.indices.size)
         self.batches = 0  # handed out by this pass
         self.sizes: list[int] = []  # of the whole batches this pass handed out, in order
         self.replay = [int(size) for size in replay]  # sizes to hand out again first
@@ -57,12 +57,12 @@ class SamplerPass(Iterator[list[int]]):
     @property
     def total(self) -> int:
         """Indices this pass hands out from where it started."""
-        return self.indices.numel() - self.start
+        return self.indices.size - self.start
 
     @property
     def remaining(self) -> int:
         """Indices this pass has yet to hand out."""
-        return self.indices.numel() - self.position
+        return self.indices.size - self.position
 
     def __iter__(self) -> SamplerPass:
         return self
@@ -79,10 +79,10 @@ class SamplerPass(Iterator[list[int]]):
             if self.replay:  # decided before the checkpoint; handed out again as it was
                 size = min(self.replay.pop(0), remaining)
             else:
-                size = sampler.sizer.decide(remaining, sampler.ledger.num_feedback)
+                size = sampler.sizer.decide(remaining, sampler.num_feedback)
             if size == remaining < sampler.min_batch_size and sampler.drop_last:
-                sampler.num_dropped_tails += 1
-                self.position, remaining = self.indices.numel(), 0
+                sampler.tail_dropped()
+                self.position, remaining = self.indices.size, 0
         if remaining <= 0:
             self._finish()
             raise StopIteration
@@ -91,9 +91,8 @@ class SamplerPass(Iterator[list[int]]):
         self.batches += 1
         if not chunk_size:
             self.sizes.append(size)
-        sampler.ledger.handed_out(batch, self.total if chunk_size else None)
-        sampler.active = self
-        if self.position >= self.indices.numel():
+        sampler.handed_out(self, batch, self.total if chunk_size else None)
+        if self.position >= self.indices.size:
             self._finish()  # the epoch is over once its last batch is out, asked for again or not
         return batch.tolist()
 
@@ -117,4 +116,4 @@ class SamplerPass(Iterator[list[int]]):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         require_keys(self, state, (self.EPOCH_KEY, self.POSITION_KEY))
         self._seek(state[self.EPOCH_KEY], state[self.POSITION_KEY], state.get(self.REPLAY_KEY, ()))
-        self.sampler.active = self
+        self.sampler.pass_loaded(self)

@@ -3,29 +3,31 @@
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Sequence, Sized
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ..contract import Feedback, GradientNoise, Progress, plan_rule_of, sizing_rule_of
+from ..contract import Feedback, GradientNoise, plan_rule_of, sizing_rule_of
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from .buckets import SizeBuckets, as_buckets
-from .checkpoint import VERSION, check_state, sampler_config
+from .checkpoint import SamplerCheckpoint, sampler_config
+from .chunks import ChunksInFlight
 from .deprecated import SamplerDeprecations, warn_max_in_flight
-from .distributed import RankSync, cpu_feedback, merge_for_sizing, resolve_replicas
-from .ledger import FeedbackLedger
+from .distributed import RankSync, resolve_replicas
+from .ledger import as_index_array
 from .order import IndexOrder
 from .passes import SamplerPass
+from .receiver import FeedbackReceiver
 from .sizer import BatchSizer
 
 __all__ = ["AdaptiveBatchSampler"]
 
 
-class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
+class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[int]]):
     """Yields batches of dataset indices whose size a sizing rule adapts from feedback.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)``; a
@@ -70,9 +72,6 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         True
     """
 
-    VERSION_KEY, CONFIG_KEY, EPOCH_KEY, PASS_KEY = "version", "config", "epoch", "pass"
-    SIZER_KEY, LEDGER_KEY, TAILS_KEY, ORDER_KEY = "sizer", "ledger", "num_dropped_tails", "order"
-
     def __init__(
         self,
         data_source: Sized | int,
@@ -98,26 +97,25 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         self.dataset_size, self.policy = size, policy
         self._data_source = None if isinstance(data_source, int) else data_source
-        self.ledger = FeedbackLedger(size)
         self.order = IndexOrder(
             size, indices, shuffle=shuffle, seed=seed, num_replicas=self.num_replicas,
-            rank=self.rank, rule=plan_rule_of(policy), scores=self.ledger.scores,
+            rank=self.rank, rule=plan_rule_of(policy), scores=self._scores_of,
         )  # fmt: skip
         self.sizer = BatchSizer(
             sizing_rule_of(policy), batch_size=batch_size, min_batch_size=min_batch_size,
             max_batch_size=max_batch_size, buckets=as_buckets(buckets), chunk_size=chunk_size,
             drop_last=drop_last, epoch_length=self.order.epoch_length(),
         )  # fmt: skip
-        self._reporters, self._agreed, self._warned = 0, False, set[str]()
-        self._flushers: list[weakref.ref[Any]] = []
-        self._listeners: list[Callable[[AdaptiveBatchSampler, Feedback], None]] = []
+        self.receiver = FeedbackReceiver(size, self.sizer, self._epoch_sizes)
+        self._agreed, self._warned = False, set[str]()
         self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.expects_feedback)
+        self.receiver.sync = self.sync
+        self._chunks = ChunksInFlight()  # chunk mode: where each chunk's pass ends
         self._epoch = 0  # what the next fresh pass draws
         self._pending: SamplerPass | None = None  # a loaded pass the next iter() resumes
         self.active: SamplerPass | None = None  # the pass that handed out the latest batch
         self._finished: SamplerPass | None = None  # the last pass that drew a whole epoch
         self.num_dropped_tails = 0
-        self.last_feedback: Feedback | None = None
 
     # -- what it is and where it stands ---------------------------------------------------------
 
@@ -130,9 +128,15 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
     planning = property(lambda self: self.order.rule, doc="The policy's epoch-plan rule, or None.")
     is_adaptive = property(lambda self: self.sizer.is_adaptive, doc="Whether sizes can change.")
     indices = property(lambda self: self.order.indices, doc="The index set.")
+    ledger = property(lambda self: self.receiver.ledger, doc="The per-index feedback table.")
+    last_feedback = property(lambda self: self.receiver.last_feedback, doc="The latest feedback.")
     times_kept = property(lambda self: self.ledger.times_kept, doc="Per index: times kept.")
     times_dropped = property(lambda self: self.ledger.times_dropped, doc="Per index: dropped.")
     num_feedback = property(lambda self: self.ledger.num_feedback, doc="Feedback calls received.")
+    num_candidates = property(
+        lambda self: self.ledger.num_candidates, doc="Candidates fed back (over all ranks)."
+    )
+    num_kept = property(lambda self: self.ledger.num_kept, doc="Candidates kept (over all ranks).")
     requested_batch_size = property(
         lambda self: self.sizer.requested,
         doc="The sizing rule's last answer before the caps (``+inf`` recorded as the largest size).",
@@ -155,6 +159,16 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
     def shard_size(self) -> int:
         """Indices this rank draws in the latest epoch planned."""
         return self.order.epoch_length()
+
+    def _epoch_sizes(self) -> tuple[int, int]:
+        """This rank's share of the latest epoch planned, and that epoch over all ranks."""
+        share = self.shard_size
+        return share, share * self.num_replicas
+
+    def score_table_bytes(self) -> int:
+        """Bytes of the per-index feedback table (losses and counts): what the sampler keeps per
+        dataset index beyond the index order itself."""
+        return self.ledger.score_table_bytes()
 
     @property
     def batch_size(self) -> int:
@@ -222,7 +236,7 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
                 f"{len(self._data_source)} since the sampler was built; build a new sampler for it"
             )
         last = self._finished
-        adapts = self.is_adaptive or self.planning is not None
+        adapts = self.is_adaptive or self._plans_from_scores
         if last is not None and adapts and self.num_feedback == last.reports_at_start:
             self._warn_once(
                 "silent",
@@ -235,8 +249,17 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         if self.sync is not None and (self.expects_feedback or not self._agreed):
             config = None if self._agreed else sampler_config(self)
             plan = self.order.digest(run.epoch) if self.planning is not None else ""
-            self.sync.start(config, run.epoch, run.position, self._reporters > 0, plan)
+            reporting = self.receiver.num_reporters > 0
+            self.sync.start(config, run.epoch, run.position, reporting, plan)
             self._agreed = True
+
+    def pass_loaded(self, run: SamplerPass) -> None:
+        """Called by a pass whose state a ``StatefulDataLoader`` loaded: it is the active one."""
+        self.active = run
+
+    def tail_dropped(self) -> None:
+        """Called by a pass that drops its epoch's short last batch (``drop_last``)."""
+        self.num_dropped_tails += 1
 
     def pass_finished(self, run: SamplerPass) -> None:
         """Called by a pass once it has handed out its last batch."""
@@ -249,36 +272,38 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
 
     @property
     def expects_feedback(self) -> bool:
-        return self.is_adaptive or self.planning is not None or self._reporters > 0
+        return self.is_adaptive or self._plans_from_scores or self.receiver.num_reporters > 0
+
+    @property
+    def _plans_from_scores(self) -> bool:
+        """Whether the epoch plan reads the scores feedback reports (RS2's does not)."""
+        return self.planning is not None and getattr(self.planning, "reads_scores", True)
+
+    @property
+    def wants_gradient_statistics(self) -> bool:
+        """Whether anything reads batch statistics beyond per-sample losses (a sizing rule, a
+        listener): a stage that measures the training step computes them only then."""
+        return self.receiver.wants_gradient_statistics
 
     def register_reporter(self, reporter: object) -> None:
         """Record that ``reporter`` (a filter, say) will report feedback for every batch. A
         reporter with a ``flush()`` (StepFeedback) is asked to report what it holds before any
         checkpoint is taken, so a checkpoint never misses a batch already trained."""
-        self._reporters += 1
-        if callable(getattr(reporter, "flush", None)):
-            self._flushers.append(weakref.ref(reporter))
+        self.receiver.register_reporter(reporter)
 
     def add_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
         """Call ``listener(sampler, feedback)`` after each feedback is recorded and the next size
         decided (a :class:`~adaptive_batch.TrajectoryLogger`); not part of the state."""
-        if not callable(listener):
-            raise AdaptiveBatchTypeError(f"a listener must be callable; got {type(listener)}")
-        self._listeners.append(listener)
+        self.receiver.add_listener(listener)
 
     def remove_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
         """Stop calling ``listener``; a ``ValueError`` if it was never added."""
-        self._listeners.remove(listener)
+        self.receiver.remove_listener(listener)
 
     def rank_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
         """Every rank's ``state``, in rank order: a collective under DDP (every rank calls it,
         as a trainer saving a checkpoint does); ``[state]`` on one replica."""
         return [state] if self.sync is None else self.sync.states(state)
-
-    def _flush_reporters(self) -> None:
-        for reporter in (ref() for ref in self._flushers):
-            if reporter is not None:  # (not its truth: a stage's len() may be unknown)
-                reporter.flush()
 
     def feedback(self, feedback: Feedback) -> None:
         """Record what became of one yielded batch, then let the sizing rule pick the next size.
@@ -289,21 +314,14 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         counts all of it, and every rank's sizing rule sees the same merged numbers, so sizes
         agree; a rank out of step makes every rank raise.
         """
-        local = cpu_feedback(feedback)
-        self.ledger.settle(torch.cat([local.kept, local.dropped]))
-        self.ledger.num_feedback += 1
-        gather = self.sync is not None and self.expects_feedback
-        items = self.sync.feedback(local, self.num_feedback) if gather else [local]  # type: ignore[union-attr]
-        for item in items:
-            self.ledger.record(item.kept, item.dropped, item.losses)
-        self.last_feedback = feedback
-        length = self.shard_size
-        progress = Progress(
-            self.num_feedback, self.ledger.num_candidates, length * self.num_replicas
-        )
-        self.sizer.update(merge_for_sizing(items), progress, length)
-        for listener in self._listeners:
-            listener(self, local)
+        self.receiver.receive(self, feedback, exchange=self.expects_feedback)
+
+    def handed_out(self, run: SamplerPass, indices: np.ndarray, pass_total: int | None) -> None:
+        """Called by a pass for each batch (or chunk) it hands out."""
+        self.active = run
+        self.ledger.handed_out(indices)
+        if pass_total is not None:
+            self._chunks.handed_out(indices, pass_total)
 
     # -- chunk mode: batches assembled where they are consumed -------------------------------
 
@@ -315,7 +333,8 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
 
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out in all."""
-        return self.ledger.pass_total(torch.as_tensor(indices))
+        chunk = as_index_array(indices)
+        return self._chunks.consumed(chunk, self.ledger.awaiting(chunk))
 
     # -- epoch plans -----------------------------------------------------------------------------
 
@@ -325,73 +344,19 @@ class AdaptiveBatchSampler(SamplerDeprecations, Sampler[list[int]]):
         InfoBatch keeps a random part of the well-learned samples and weighs them up so that the
         expected gradient is unchanged; ``StepFeedback.weighted(loss)`` applies them."""
         run = self.active
-        return self.order.weights(run.epoch, torch.as_tensor(indices)) if run is not None else None
+        if run is None:
+            return None
+        weights = self.order.weights(run.epoch, as_index_array(indices))
+        return None if weights is None else torch.from_numpy(weights)
+
+    def _scores_of(self, indices: Tensor | None) -> Any:
+        return self.ledger.scores(indices)
 
     @property
     def scores(self) -> Any:
         """The per-index scores epoch plans decide from (a :class:`~adaptive_batch.contract.ScoreTable`
         over the index set)."""
         return self.ledger.scores(self.order.indices)
-
-    # -- checkpointing -------------------------------------------------------------------------
-
-    def feedback_state_dict(self) -> dict[str, Any]:
-        """The feedback side: the sizing rule, the current size and the per-index counts. With
-        a ``chunk_size`` the consumer saves it (as of the last batch it consumed)."""
-        self._flush_reporters()
-        return {
-            self.VERSION_KEY: VERSION,
-            self.CONFIG_KEY: sampler_config(self),
-            self.SIZER_KEY: self.sizer.state_dict(),
-            self.LEDGER_KEY: self.ledger.state_dict(),
-            self.TAILS_KEY: self.num_dropped_tails,
-        }
-
-    def load_feedback_state_dict(self, state: dict[str, Any]) -> None:
-        state = check_state(state, sampler_config(self))
-        self.sizer.load_state_dict(state[self.SIZER_KEY])
-        self.ledger.load_state_dict(state[self.LEDGER_KEY])
-        self.num_dropped_tails = state[self.TAILS_KEY]
-
-    def state_dict(self) -> dict[str, Any]:
-        """The epoch, the position of the pass that handed out the latest batch and, without a
-        ``chunk_size``, the feedback side (:meth:`feedback_state_dict`). Whole batches handed
-        out but awaiting feedback (fetched ahead of training by a prefetching loader or trainer)
-        are handed back: a resumed pass hands them out again, at the same sizes, first."""
-        run = self._pending or self.active
-        state = {
-            self.VERSION_KEY: VERSION,
-            self.CONFIG_KEY: sampler_config(self),
-            self.EPOCH_KEY: self._epoch,
-            self.PASS_KEY: None,
-            self.ORDER_KEY: self.order.state_dict(),
-        }
-        if self.chunk_size is None:
-            state.update(self.feedback_state_dict())  # reporters flush first: then count
-        if run is not None:
-            unsettled = 0
-            if self.chunk_size is None and self.expects_feedback and run is self.active:
-                # Batches fetched ahead of training (a prefetching loader or trainer) are handed
-                # back, to be handed out again at the same sizes after a resume.
-                unsettled = self._unsettled(run)
-            state[self.PASS_KEY] = run.state_dict(unsettled)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state``: the next ``iter()`` resumes the saved pass."""
-        state = check_state(state, sampler_config(self))
-        if self.chunk_size is None:
-            self.load_feedback_state_dict(state)
-        self.ledger.clear_in_flight()
-        self.order.load_state_dict(state.get(self.ORDER_KEY, {}))
-        self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
-        if (saved := state[self.PASS_KEY]) is not None:
-            self._pending = SamplerPass(
-                self,
-                saved[SamplerPass.EPOCH_KEY],
-                saved[SamplerPass.POSITION_KEY],
-                saved.get(SamplerPass.REPLAY_KEY, ()),
-            )
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

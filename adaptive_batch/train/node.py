@@ -53,9 +53,7 @@ class StepFeedbackNode(nodes.BaseNode):
 
     def reset(self, initial_state: dict[str, Any] | None = None) -> None:
         super().reset(initial_state)
-        self.stage.settle()
-        if self.stage._assembler is not None:
-            self.stage._assembler.reset()
+        self.stage.start_pass()
         if initial_state is None:
             self.source.reset()
         else:

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
 import threading
-import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,7 +14,6 @@ from torch import Tensor, nn
 from ..contract import (
     Feedback,
     FeedbackSink,
-    Reason,
     check_feedback_sink,
     check_feedback_source,
     check_fetched_ahead,
@@ -26,31 +22,30 @@ from ..contract import (
     sizing_rule_of,
     trainer_state,
 )
-from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
+from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
 from ..load import ChunkAssembler, check_not_resharded, get_field, split_indexed
-from ..probe import HeadLoss, LossFn, find_head, gradient_moments, resolve_loss
-from .weighted_loss import WeightedLoss
+from ..probe import (
+    HeadLoss,
+    LossFn,
+    find_head,
+    resolve_loss,
+)
+from .measured import (
+    InTransit,
+    MeasureWarnings,
+    PendingBatch,
+    check_head_output,
+    losses_of,
+    measure_statistics,
+    weak_hook,
+)
+from .transfer import HostCopy
+from .weighted_loss import PlanWeights
 
 __all__ = ["StepFeedback"]
 
 
-@dataclass
-class _Pending:
-    """The batch last yielded, and what the training forward showed of it."""
-
-    indices: Tensor
-    targets: Any
-    rows: int
-    features: list[Tensor] = field(default_factory=list)
-    outputs: list[Tensor] = field(default_factory=list)
-    captured: int = 0
-    losses: Tensor | None = None  # reported directly (report_losses)
-    thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
-    weights: Tensor | None = None
-    weight_offset: int = 0
-
-
-class StepFeedback:
+class StepFeedback(PlanWeights, MeasureWarnings):
     """Yields the loader's batches unchanged and reports each one's feedback from your own
     training forward: no extra forward pass.
 
@@ -90,6 +85,15 @@ class StepFeedback:
             trainer then checkpoints only this stage, so :meth:`state_dict` holds the sampler's
             state too, and batches fetched but not yet trained are handed back to it: a resumed
             run fetches them again.
+        report_lag: batches a batch's feedback waits before it reaches the sampler, so that its
+            device-to-host copy overlaps the next step instead of stalling the device. Default
+            (``None``): 1 when the model runs on an accelerator, 0 on the CPU. Epoch plans are
+            unaffected (an epoch's feedback is all in before the next epoch is planned); a sizing
+            rule decides one batch later. Checkpoints and the end of an epoch wait for it all.
+
+    Losses and statistics never leave the model's device inside a step: they are computed there
+    (the statistics only when a sizing rule or a listener reads them: an epoch plan needs the
+    per-sample losses alone) and copied to pinned host memory without blocking.
 
     Example:
         >>> import torch
@@ -127,35 +131,50 @@ class StepFeedback:
         loss: str | LossFn | HeadLoss = "cross_entropy",
         targets: int | str = 1,
         fetched_ahead: bool = False,
+        report_lag: int | None = None,
     ) -> None:
         check_feedback_sink(sampler)
         check_feedback_source(sizing_rule_of(sampler.policy), "training_step")
         check_not_resharded(batches, sampler)
+        if report_lag is not None and report_lag < 0:
+            raise AdaptiveBatchError(f"report_lag must be 0 or more; got {report_lag}")
         self.batches = batches
         self.sampler = sampler
         self.loss = resolve_loss(loss)
         self.targets = targets
+        self.report_lag = report_lag
         self.head: nn.Module | None = None
-        self._hook = None
+        self._hooks: list[Any] = []
+        self._output_checked = False
         if model is not None:
             if isinstance(head, str):
                 head = model.get_submodule(head)
             self.head = find_head(model) if head is None else head
-            self._hook = self.head.register_forward_hook(_weak_hook(self))
-            # The hook holds the stage weakly: dropping the stage removes it, and no reference
+            # The hooks hold the stage weakly: dropping the stage removes them, and no reference
             # cycle keeps a loader (and its workers) alive until the garbage collector runs.
-            weakref.finalize(self, self._hook.remove)
+            self._hooks.append(self.head.register_forward_hook(weak_hook(self, "_capture")))
+            if self.head is not model:
+                self._hooks.append(model.register_forward_hook(weak_hook(self, "_check_output")))
+            for handle in self._hooks:
+                weakref.finalize(self, handle.remove)
         elif head is not None:
             raise AdaptiveBatchError("head= needs the model it belongs to")
         sampler.register_reporter(self)
         self.num_candidates = self.num_batches = self.num_unmeasured = 0
         self.last_feedback: Feedback | None = None
-        self._pending: _Pending | None = None
+        self._pending: PendingBatch | None = None
+        self._transit: deque[InTransit] = deque()  # measured, on their way to the host
+        self._warned: set[str] = set()
         self.fetched_ahead = fetched_ahead
         if fetched_ahead:
             check_fetched_ahead(sampler)
-        self._ahead: deque[_Pending] = deque()  # fetched, their steps not begun (fetched_ahead)
+        self._ahead: deque[PendingBatch] = deque()  # fetched, their steps not begun (fetched_ahead)
         self._assembler = ChunkAssembler(sampler) if sampler.chunk_size is not None else None  # type: ignore[arg-type]
+
+    wants_statistics = property(
+        lambda self: bool(getattr(self.sampler, "wants_gradient_statistics", True)),
+        doc="Whether head-gradient statistics are computed (else per-sample losses only).",
+    )
 
     # -- the stream -------------------------------------------------------------------------------
 
@@ -165,29 +184,40 @@ class StepFeedback:
                 "this StepFeedback has no source of batches; use hand_out(batch)"
             )
         source = iter(self.batches)
-        self._ahead.clear()
-        if self._assembler is not None:
-            self._assembler.reset()
+        self.start_pass()
         while (batch := self.next_from(source)) is not None:
             yield batch
 
+    def start_pass(self) -> None:
+        """Forget batches fetched for an earlier pass and start assembling anew (what ``iter()``
+        does; a node calls it on ``reset()``)."""
+        self.settle()
+        self._ahead.clear()
+        if self._assembler is not None:
+            self._assembler.reset()
+
     def next_from(self, source: Iterator[Any]) -> Any:
         """The next batch of ``source`` (``None`` at its end), after reporting the last one's
-        feedback: what ``iter()`` does, for a pipeline that drives the stage itself."""
+        feedback: what ``iter()`` does, for a pipeline that drives the stage itself. At the end
+        every report still on its way reaches the sampler, so the next epoch's plan sees them."""
         if not self.fetched_ahead:
             self.settle()
         if self._assembler is not None:
             batch = self._assembler.next_batch(source)
         else:
             batch = next(source, None)
-        return None if batch is None else self.hand_out(batch)
+        if batch is None:
+            self.settle()
+            self._deliver(0)
+            return None
+        return self.hand_out(batch)
 
     def hand_out(self, batch: Any) -> Any:
         """Record ``batch`` as the one being trained (with ``fetched_ahead``: the next to be
         trained) and return it without its indices."""
         indices, batch = split_indexed(batch, required=True)
         assert indices is not None
-        pending = _Pending(indices, get_field(batch, self.targets), indices.numel())
+        pending = PendingBatch(indices, get_field(batch, self.targets), indices.numel())
         if self.fetched_ahead:
             self._ahead.append(pending)
         else:
@@ -213,17 +243,18 @@ class StepFeedback:
 
     def __len__(self) -> int:
         if self._assembler is not None:
-            raise AdaptiveBatchTypeError(
-                "batches assembled from chunks have no length known in advance"
-            )
+            raise AdaptiveBatchTypeError("batches assembled from chunks have no length in advance")
         return len(self.batches)  # type: ignore[arg-type]
 
     # -- what the training step shows ------------------------------------------------------------
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         pending = self._pending
-        if pending is None or not module.training or not torch.is_grad_enabled() or not args:
-            return  # no batch in training, or an evaluation forward
+        if pending is None or not args:
+            return  # no batch in training
+        if not module.training or not torch.is_grad_enabled():
+            pending.skipped = "eval" if not module.training else "no_grad"
+            return  # an evaluation forward
         if threading.get_ident() != pending.thread:
             raise AdaptiveBatchError(
                 "the batch StepFeedback handed out last was handed out in another thread than "
@@ -233,11 +264,34 @@ class StepFeedback:
         features = args[0]
         if not (isinstance(features, Tensor) and isinstance(output, Tensor)):
             return
-        if pending.captured + features.shape[0] > pending.rows:
+        rows = features.shape[0]
+        start = pending.captured
+        if start + rows > pending.rows:
             return  # more rows than the batch has: another forward of the same batch
-        pending.features.append(features.detach().clone())
-        pending.outputs.append(output.detach().clone())
-        pending.captured += features.shape[0]
+        targets = pending.targets
+        if self.wants_statistics or not isinstance(targets, Tensor) or pending.rows != len(targets):
+            pending.features.append(features.detach().clone())
+            pending.outputs.append(output.detach().clone())
+        else:  # an epoch plan reads losses only: compute them now, keep nothing else
+            part = targets if rows == pending.rows else targets[start : start + rows]
+            if not self._output_checked:
+                pending.last_output = output  # kept for the one check of the model's output
+            pending.part_losses.append(losses_of(self.loss, output.detach(), part))
+        pending.captured += rows
+
+    def _check_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The model's output must be its head's (or a view of it): checked once, on the first
+        training forward the head took part in."""
+        pending = self._pending
+        if self._output_checked or pending is None or not module.training:
+            return
+        if not torch.is_grad_enabled() or not (pending.outputs or pending.part_losses):
+            return
+        self._output_checked = True
+        head_output = pending.outputs[-1] if pending.outputs else pending.last_output
+        if head_output is None:
+            return
+        check_head_output(output, head_output, self.head)
 
     def report_losses(self, losses: Tensor) -> None:
         """Report the per-sample losses of the batch just yielded yourself (``[B]``, in batch
@@ -251,101 +305,59 @@ class StepFeedback:
         self._pending.losses = losses.detach()
 
     def settle(self) -> None:
-        """Report the feedback of the batch just yielded, if it is still pending."""
+        """Measure the batch just yielded, if it is still pending, and send it on its way to the
+        sampler (it arrives ``report_lag`` batches later)."""
         pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        feedback = self._measure(pending)
-        self.sampler.feedback(feedback)
-        self.last_feedback = feedback
-        self.num_candidates += feedback.batch_size
-        self.num_batches += 1
+        if pending is not None:
+            self._transit.append(self._measure(pending))
+            self.num_batches += 1
+            self.num_candidates += pending.rows
+        self._deliver(self._lag())
 
-    def _measure(self, pending: _Pending) -> Feedback:
-        empty = pending.indices[:0]
+    def _lag(self) -> int:
+        if self.report_lag is not None:
+            return self.report_lag
+        newest = self._transit[-1] if self._transit else None
+        return 1 if newest is not None and newest.on_accelerator else 0
+
+    def _deliver(self, keep: int) -> None:
+        """Report the oldest measured batches to the sampler until ``keep`` remain in transit."""
+        while len(self._transit) > keep:
+            feedback = self._transit.popleft().feedback(self)
+            self.sampler.feedback(feedback)
+            self.last_feedback = feedback
+
+    def _measure(self, pending: PendingBatch) -> InTransit:
         if pending.losses is not None:
-            losses = pending.losses.to("cpu", torch.float32)
-            stats = {"loss": float(losses.mean())}
-            return Feedback(pending.indices, empty, Reason.KEEP_ALL, stats, losses=losses)
+            losses = pending.losses
+            return InTransit(pending.indices, HostCopy(losses), 0, losses.device.type != "cpu")
         if pending.captured != pending.rows or self.head is None:
             self.num_unmeasured += 1
-            if self.num_unmeasured == 1:
-                warnings.warn(
-                    f"StepFeedback saw no training forward of the head for a batch ({pending.captured} "
-                    f"of {pending.rows} rows): its feedback carries no loss. If the model is "
-                    "torch.compile'd (hooks inlined away) or the loss is computed elsewhere, call "
-                    "batches.report_losses(per_sample_losses) after the forward; a skipped step "
-                    "needs nothing.",
-                    AdaptiveBatchWarning,
-                    stacklevel=3,
-                )
-            return Feedback(pending.indices, empty, Reason.UNMEASURED, {"loss": math.nan})
-        return self._statistics(pending, empty)
-
-    def _statistics(self, pending: _Pending, empty: Tensor) -> Feedback:
-        features, outputs = torch.cat(pending.features), torch.cat(pending.outputs)
-        dtype = torch.promote_types(features.dtype, torch.float32)
-        targets = pending.targets
-        if isinstance(targets, Tensor):
-            targets = targets.to(outputs.device, non_blocking=True)
-        with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
-            features, outputs = features.to(dtype), outputs.to(dtype)
-            losses = self.loss.losses(outputs, targets)
-            assert self.head is not None
-            moments = gradient_moments(
-                self.head, features, lambda: self.loss.gradients(outputs, targets)
+            self._warn_unmeasured(pending)
+            return InTransit(pending.indices, None, 0)
+        if pending.part_losses:
+            losses = (
+                pending.part_losses[0]
+                if len(pending.part_losses) == 1
+                else torch.cat(pending.part_losses)
             )
-            if moments is None:
-                nan = losses.new_full((), math.nan)
-                stats = torch.stack([losses.mean(), nan, nan])
-            else:
-                sq_norms, mean_sq = moments
-                stats = torch.stack(
-                    [losses.mean(), mean_sq, (sq_norms.mean() - mean_sq).clamp_min(0)]
-                )
-            host = torch.cat([stats, losses.detach()]).to("cpu", torch.float32)  # one transfer
-        names = ("loss", "grad_sq_norm", "grad_variance")
-        stats_dict = dict(zip(names, host[:3].tolist(), strict=True))
-        reason = Reason.KEEP_ALL if math.isfinite(stats_dict["loss"]) else Reason.NONFINITE
-        return Feedback(pending.indices, empty, reason, stats_dict, losses=host[3:])
-
-    # -- weights of epoch plans ------------------------------------------------------------------
-
-    def batch_weights(self) -> Tensor | None:
-        """The epoch plan's training weights of the batch just yielded (``None``: all 1)."""
-        pending = self._pending
-        if pending is None:
-            return None
-        if pending.weights is None:
-            pending.weights = self.sampler.weights_of(pending.indices)  # type: ignore[attr-defined]
-        return pending.weights
-
-    def weighted(self, loss_fn: LossFn) -> WeightedLoss:
-        """``loss_fn`` (per-sample: ``reduction="none"``) weighted by the epoch plan, averaged:
-        create it once and call it as your loss; the loop body does not change."""
-        return WeightedLoss(loss_fn, self)
-
-    def _next_weights(self, rows: int, device: torch.device) -> Tensor | None:
-        weights = self.batch_weights()
-        pending = self._pending
-        if weights is None or pending is None:
-            return None
-        start = pending.weight_offset if pending.weight_offset + rows <= pending.rows else 0
-        pending.weight_offset = start + rows
-        return weights[start : start + rows].to(device, non_blocking=True)
+            return InTransit(pending.indices, HostCopy(losses), 0, losses.device.type != "cpu")
+        assert self.head is not None
+        return measure_statistics(pending, self.head, self.loss)
 
     # -- checkpointing ------------------------------------------------------------------------------
 
     def flush(self) -> None:
-        """Report the batch just yielded if its training forward (or its losses) came already:
-        the sampler calls it before a checkpoint, so the checkpoint includes that batch. Only
-        the training thread reports (a loader's prefetching thread asking for a checkpoint of
-        the sampler leaves the batch to it)."""
+        """Report the batch just yielded if its training forward (or its losses) came already,
+        and every report on its way: the sampler calls it before a checkpoint, so the
+        checkpoint includes those batches. Only the training thread reports (a loader's
+        prefetching thread asking for a checkpoint of the sampler leaves the batch to it)."""
         pending = self._pending
-        if pending is None or threading.get_ident() != pending.thread:
+        if pending is not None and threading.get_ident() != pending.thread:
             return
-        if pending.captured or pending.losses is not None:
+        if pending is not None and (pending.captured or pending.losses is not None):
             self.settle()
+        self._deliver(0)
 
     def state_dict(self) -> dict[str, Any]:
         """The counters; with a chunked sampler also its feedback side. A batch already trained
@@ -367,6 +379,7 @@ class StepFeedback:
             state = load_trainer_state(self.sampler, state)
         require_keys(self, state, (self.CANDIDATES_KEY, self.BATCHES_KEY))
         self._ahead.clear()
+        self._transit.clear()
         if self._assembler is not None:
             self.sampler.load_feedback_state_dict(state[self.SAMPLER_KEY])
         self._pending = None
@@ -375,20 +388,9 @@ class StepFeedback:
         self.num_unmeasured = state.get(self.UNMEASURED_KEY, 0)
 
     def close(self) -> None:
-        """Report what is pending and remove the hook from the head."""
+        """Report what is pending and remove the hooks."""
         self.settle()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-
-
-def _weak_hook(stage: StepFeedback) -> Any:
-    capture = weakref.WeakMethod(stage._capture)
-
-    @torch.compiler.disable  # host-side bookkeeping: a compiled model runs it eagerly
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        method = capture()
-        if method is not None:
-            method(module, args, output)
-
-    return hook
+        self._deliver(0)
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()

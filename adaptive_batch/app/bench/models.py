@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["cifar_resnet", "mlp"]
+__all__ = ["cifar_resnet", "mlp", "small_convnet"]
 
 
 class BasicBlock(nn.Module):
@@ -58,3 +58,25 @@ def mlp(inputs: int, hidden: int, outputs: int) -> nn.Module:
     return nn.Sequential(
         nn.Flatten(), nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs)
     )
+
+
+def small_convnet(num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)) -> nn.Module:
+    """Three stages of a stride-2 3x3 conv, BatchNorm and ReLU (16, 32, 64 channels), global
+    average pooling and one linear head: the pruning benchmarks' network (32 epochs on 10,000
+    CIFAR-10 images in about a minute and a half of one CPU core).
+
+    Example:
+        >>> sum(p.numel() for p in small_convnet().parameters())
+        24346
+    """
+    layers: list[nn.Module] = []
+    inputs = 3
+    for width in widths:
+        layers += [
+            nn.Conv2d(inputs, width, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+        ]
+        inputs = width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, num_classes)]
+    return nn.Sequential(*layers)

@@ -1,5 +1,6 @@
-"""The training setup the CIFAR-10 benchmarks share: a class-balanced subset, ResNet-8, SGD with a
-cosine learning rate stepped once per epoch, evaluation on all test images after every epoch.
+"""The training setup the CIFAR-10 benchmarks share: a class-balanced subset, a small network (a
+3-stage conv net or ResNet-8), SGD with a cosine learning rate stepped once per epoch, evaluation
+on all test images after every epoch.
 
 Every arm of a comparison (the fixed baseline and each policy) runs with this same setup and the
 same tuning; only the batches differ.
@@ -17,11 +18,13 @@ from torch import Tensor
 
 from ..runner import RunResult, RunSpec, train
 from .cifar import AugmentedImages, CifarData, evaluate, stratified_subset
-from .models import cifar_resnet
+from .models import cifar_resnet, small_convnet
 
 __all__ = ["EpochSetup", "curve_cell", "parse_curve", "run_epochs"]
 
 SUBSET_SEED = 1234  # the same training subset for every seed and arm
+MODELS = {"convnet": small_convnet, "resnet8": cifar_resnet}
+MODEL_NAMES = {"convnet": "a 3-stage 16/32/64 conv net", "resnet8": "ResNet-8"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,7 @@ class EpochSetup:
         epochs: epochs per run; the cosine schedule anneals over them.
         batch_size: the baseline's batch size, kept by the policies that do not size batches.
         optimizer: SGD settings (learning rate, Nesterov momentum, weight decay).
+        model: ``"convnet"`` (:func:`~.models.small_convnet`, 24k parameters) or ``"resnet8"``.
     """
 
     subset: int | None = 10_000
@@ -41,12 +45,17 @@ class EpochSetup:
     optimizer: dict[str, Any] = field(
         default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
     )
+    model: str = "convnet"
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {sorted(MODELS)}; got {self.model!r}")
 
     def describe(self) -> str:
         images = "all 50,000" if self.subset is None else f"a class-balanced {self.subset:,}"
         opt = self.optimizer
         return (
-            f"ResNet-8 on {images} CIFAR-10 training images, {self.epochs} epochs, batch "
+            f"{MODEL_NAMES[self.model]} on {images} CIFAR-10 training images, {self.epochs} epochs, batch "
             f"{self.batch_size}, SGD lr {opt['lr']} (cosine, stepped per epoch), Nesterov "
             f"momentum {opt['momentum']}, weight decay {opt['weight_decay']}, random crop and flip; "
             "test accuracy on all test images after every epoch"
@@ -70,14 +79,16 @@ def run_epochs(
     noisy: Tensor | None = None,
     progress: Any = None,
     trajectory: Path | None = None,
+    epochs: int | None = None,
 ) -> RunResult:
     """One arm: ``policy`` (``"fixed"`` or a recipe name) trained as ``setup`` says, on the
     training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones).
-    ``trajectory``: a CSV file for the sampler's batch-by-batch record."""
+    ``trajectory``: a CSV file for the sampler's batch-by-batch record. ``epochs`` shortens the
+    schedule (the cosine anneals over it) for a budget-matched control."""
     spec = RunSpec(
         policy,
         seed=seed,
-        epochs=setup.epochs,
+        epochs=epochs or setup.epochs,
         eval_each_epoch=True,
         optimizer=dict(setup.optimizer),
         schedule="cosine",
@@ -86,7 +97,7 @@ def run_epochs(
     train_labels = data.train_y if labels is None else labels
     return train(
         spec,
-        cifar_resnet,
+        MODELS[setup.model],
         AugmentedImages(data.train_x, train_labels, seed=seed),
         allowed_indices(data, setup),
         evaluate=partial(evaluate, images=data.test_x, labels=data.test_y),

@@ -84,8 +84,18 @@ def run_parts(args: argparse.Namespace) -> None:
 
 
 def _overhead(out: Path, device: torch.device, quick: bool) -> None:
+    from .host_cost import format_host_cost, measure_host_cost, score_table_bytes
     from .overhead import math_vs_step, sampler_throughput, step_overhead
 
+    sizes = (5_000,) if quick else (50_000, 1_000_000, 10_000_000, 100_000_000)
+    costs = measure_host_cost(sizes, rounds=2 if quick else 7, steps=5 if quick else 40, log=print)
+    _write(
+        out,
+        "host-cost",
+        "What the library adds to a step, by dataset size (CPU time of the training thread)",
+        format_host_cost(costs, score_table_bytes()),
+        device,
+    )
     measurements = step_overhead(device, batch=64 if quick else 256, repeats=2 if quick else 7)
     measurements += math_vs_step(device, quick=quick, repeats=2 if quick else 5)
     measurements += sampler_throughput(num_samples=50_000 if quick else 1_000_000)
@@ -168,10 +178,16 @@ def _epoch_setup(args: argparse.Namespace, quick: bool):
 
     optimizer = {"lr": args.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
     if quick:
-        return EpochSetup(subset=200, epochs=2, batch_size=32, optimizer=optimizer)
+        return EpochSetup(
+            subset=200, epochs=2, batch_size=32, optimizer=optimizer, model=args.tta_model
+        )
     subset = None if args.subset >= 50_000 else args.subset
     return EpochSetup(
-        subset=subset, epochs=args.tta_epochs, batch_size=args.batch_size, optimizer=optimizer
+        subset=subset,
+        epochs=args.tta_epochs,
+        batch_size=args.batch_size,
+        optimizer=optimizer,
+        model=args.tta_model,
     )
 
 
@@ -182,7 +198,7 @@ def _time_to_accuracy(
 
     data = _cifar(args, out, quick)
     setup = _epoch_setup(args, quick)
-    policies = ("infobatch", "gns-free") if quick else args.tta_policies
+    policies = ("infobatch",) if quick else args.tta_policies
     results = run_time_to_accuracy(
         data, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show
     )

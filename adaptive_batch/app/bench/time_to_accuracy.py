@@ -1,16 +1,24 @@
-"""Time to accuracy on CIFAR-10: does a policy reach the fixed baseline's final test accuracy
-sooner, and does it end as high?
+"""Time to accuracy on CIFAR-10, at equal samples: does a pruning policy beat the cheapest honest
+ways of spending the same number of samples?
 
-Every arm -- the fixed baseline and each policy -- trains the same schedule
-(:class:`~.schedule.EpochSetup`: the same subset, network, optimizer, cosine learning rate stepped
-per epoch, number of epochs) and is evaluated on all 10,000 test images after every epoch, the
-clock stopped. The target of each seed is its baseline's final accuracy; a policy's time to it is
-its training time at the first evaluation that reaches it. Training time covers everything a
-policy costs.
+Every arm trains the same schedule (:class:`~.schedule.EpochSetup`: subset, network, optimizer,
+cosine learning rate stepped per epoch) and is evaluated on all test images after every epoch,
+the clock stopped. Beside the full fixed run, each policy ``P`` that trains on a fraction ``f`` of
+the full run's samples gets two controls, run per seed at that seed's ``f``:
+
+* ``short@P``: the fixed run with its schedule shortened to ``round(f * epochs)`` epochs (the
+  cosine anneals over them);
+* ``rs2@P``: RS2 (:class:`~adaptive_batch.policies.RandomSubset`), a fresh random ``f`` of the
+  data each epoch over the full schedule.
+
+The *saving at equal accuracy* of an arm is ``1 - (its samples / the samples a plain run needs to
+reach its final accuracy)``, the latter interpolated linearly between the plain runs of the seed
+(the shortened schedules and the full one): what the arm saves over simply training less.
 """
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,12 +31,20 @@ from .cifar import CifarData
 from .common import Results, floats, markdown_table, mean_std
 from .schedule import EpochSetup, curve_cell, parse_curve, run_epochs
 
-__all__ = ["format_time_to_accuracy", "plot_curves", "run_time_to_accuracy", "setup_key"]
+__all__ = [
+    "format_time_to_accuracy",
+    "plain_samples_for",
+    "plot_curves",
+    "run_time_to_accuracy",
+    "setup_key",
+]
 
 FIELDS = (
     "policy",
     "seed",
     "setup",
+    "epochs",
+    "fraction",
     "final_accuracy",
     "best_accuracy",
     "train_seconds",
@@ -39,12 +55,22 @@ FIELDS = (
     "indices_inside",
     "curve",
 )
+#: A policy that trains on more than this fraction of the full run's samples gets no controls.
+CONTROL_BELOW = 0.98
+CONTROLS = ("short", "rs2")
 
 
 def setup_key(setup: EpochSetup) -> str:
     """The settings a stored row must match to count for this setup."""
     opt = setup.optimizer
-    return f"{setup.subset}/{setup.epochs}/{setup.batch_size}/{opt['lr']}/{opt['weight_decay']}"
+    return (
+        f"{setup.model}/{setup.subset}/{setup.epochs}/{setup.batch_size}/{opt['lr']}/"
+        f"{opt['weight_decay']}"
+    )
+
+
+def control_name(kind: str, policy: str) -> str:
+    return f"{kind}@{policy}"
 
 
 def run_time_to_accuracy(
@@ -57,122 +83,255 @@ def run_time_to_accuracy(
     device: torch.device,
     show_progress: bool = True,
 ) -> Results:
-    """The baseline and every policy, per seed (arms interleaved, so a change in the machine's
-    load falls on all of them); resumable: rows already in ``out_dir`` are not run again."""
+    """Per seed: the full fixed run, every policy, then each policy's controls at the fraction of
+    samples it trained on; resumable: rows already in ``out_dir`` are not run again."""
     results = Results(out_dir, "time-to-accuracy", FIELDS, key=("policy", "seed", "setup"))
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
     key = setup_key(setup)
     arms = ["fixed", *[p for p in policies if p != "fixed"]]
-    todo = [
-        (seed, p) for seed in seeds for p in arms if not results.has(policy=p, seed=seed, setup=key)
-    ]
     images = setup.subset or data.train_y.numel()
+    pending = [
+        (seed, arm)
+        for seed in seeds
+        for arm in [*arms, *(control_name(k, p) for p in arms[1:] for k in CONTROLS)]
+        if not results.has(policy=arm, seed=seed, setup=key)
+    ]
     with tqdm(
-        total=len(todo) * setup.epochs * images,
+        total=len(pending) * setup.epochs * images,
         desc="time-to-accuracy",
         unit="sample",
         disable=not show_progress,
     ) as progress:
-        for seed, policy in todo:
-            trajectory = Path(out_dir) / "trajectories" / f"time-to-accuracy-{policy}-{seed}.csv"
-            result = run_epochs(
-                data, policy, seed, setup, device=device, progress=progress, trajectory=trajectory
-            )
-            results.add(
-                {
-                    "policy": policy,
-                    "seed": seed,
-                    "setup": key,
-                    "final_accuracy": result.test_accuracy,
-                    "best_accuracy": result.best_accuracy,
-                    "train_seconds": result.train_seconds,
-                    "cpu_seconds": result.cpu_seconds,
-                    "steps": result.steps,
-                    "trained": result.trained,
-                    "candidates": result.candidates,
-                    "indices_inside": result.indices_inside,
-                    "curve": curve_cell(result),
-                }
-            )
+        for seed in seeds:
+            for arm in arms:
+                if not results.has(policy=arm, seed=seed, setup=key):
+                    _run_arm(results, data, arm, arm, seed, setup, device, progress, out_dir)
+            fixed = results.select(policy="fixed", seed=seed, setup=key)[0]
+            for policy in arms[1:]:
+                row = results.select(policy=policy, seed=seed, setup=key)[0]
+                fraction = float(row["trained"]) / float(fixed["trained"])
+                for kind in CONTROLS:
+                    name = control_name(kind, policy)
+                    if fraction > CONTROL_BELOW or results.has(policy=name, seed=seed, setup=key):
+                        progress.update(setup.epochs * images)
+                        continue
+                    if kind == "short":
+                        epochs = max(1, round(fraction * setup.epochs))
+                        _run_arm(
+                            results, data, name, "fixed", seed, setup, device, progress, out_dir,
+                            epochs=epochs, fraction=fraction,
+                        )  # fmt: skip
+                    else:
+                        run_as = f"rs2-{fraction:.4f}"
+                        _run_arm(
+                            results, data, name, run_as, seed, setup, device, progress, out_dir,
+                            fraction=fraction,
+                        )  # fmt: skip
     return results
 
 
-def time_to_target(row: dict[str, str], target: float, clock: int = 1) -> float | None:
-    """Training seconds (``clock`` 0: wall, 1: CPU) at the first evaluation reaching ``target``
-    (``None``: never)."""
-    for point in parse_curve(row["curve"]):
-        if point[3] >= target:
-            return point[clock]
+def _run_arm(
+    results: Results,
+    data: CifarData,
+    name: str,
+    run_as: str,
+    seed: int,
+    setup: EpochSetup,
+    device: torch.device,
+    progress: object,
+    out_dir: str | Path,
+    *,
+    epochs: int | None = None,
+    fraction: float | None = None,
+) -> None:
+    trajectory = Path(out_dir) / "trajectories" / f"time-to-accuracy-{name}-{seed}.csv"
+    result = run_epochs(
+        data,
+        run_as,
+        seed,
+        setup,
+        device=device,
+        progress=progress,
+        trajectory=trajectory,
+        epochs=epochs,
+    )
+    results.add(
+        {
+            "policy": name,
+            "seed": seed,
+            "setup": setup_key(setup),
+            "epochs": epochs or setup.epochs,
+            "fraction": "" if fraction is None else f"{fraction:.4f}",
+            "final_accuracy": result.test_accuracy,
+            "best_accuracy": result.best_accuracy,
+            "train_seconds": result.train_seconds,
+            "cpu_seconds": result.cpu_seconds,
+            "steps": result.steps,
+            "trained": result.trained,
+            "candidates": result.candidates,
+            "indices_inside": result.indices_inside,
+            "curve": curve_cell(result),
+        }
+    )
+
+
+def samples_to(row: dict[str, str], target: float) -> int | None:
+    """Samples trained at the first evaluation reaching ``target`` (``None``: never)."""
+    for _, _, trained, accuracy in parse_curve(row["curve"]):
+        if accuracy >= target:
+            return trained
     return None
 
 
-def format_time_to_accuracy(results: Results, policies: Sequence[str], setup: EpochSetup) -> str:
-    """The table, and how flat the baseline ended (what the target means).
+def plain_samples_for(accuracy: float, plain: Sequence[tuple[float, float]]) -> tuple[float, str]:
+    """The samples (as a fraction of the full run's) a plain run needs to end at ``accuracy``,
+    interpolated linearly between the plain runs ``(fraction, final accuracy)``; and ``""``,
+    ``">"`` or ``"<"`` when it lies beyond them (the nearest end is returned, a bound).
 
-    Times are training time up to the first evaluation reaching the seed's baseline's final
-    accuracy, over the baseline's whole training time: in CPU time of the run's process (all its
-    threads; what other work on the machine cannot inflate) and in wall time.
+    Example:
+        >>> needed, bound = plain_samples_for(0.65, [(0.5, 0.60), (1.0, 0.70)])
+        >>> round(needed, 6), bound
+        (0.75, '')
+        >>> plain_samples_for(0.72, [(0.5, 0.60), (1.0, 0.70)])
+        (1.0, '>')
     """
+    points = sorted(plain)
+    if accuracy >= points[-1][1]:
+        return points[-1][0], ">" if accuracy > points[-1][1] else ""
+    if accuracy < points[0][1]:
+        return points[0][0], "<"
+    for (f0, a0), (f1, a1) in itertools.pairwise(points):
+        if a0 <= accuracy <= a1 and a1 > a0:
+            return f0 + (accuracy - a0) / (a1 - a0) * (f1 - f0), ""
+    # The plain runs are not monotone in samples here: the smallest that reaches it.
+    return min(f for f, a in points if a >= accuracy), ""
+
+
+def _saving(
+    row: dict[str, str], fixed: dict[str, str], plain: list[tuple[float, float]]
+) -> tuple[float, str]:
+    """The saving at equal accuracy, and ``">="`` / ``"<="`` where it is only a bound (the arm's
+    accuracy lies beyond every plain run of the seed)."""
+    fraction = float(row["trained"]) / float(fixed["trained"])
+    needed, bound = plain_samples_for(float(row["final_accuracy"]), plain)
+    return 1 - fraction / needed, {"": "", ">": ">=", "<": "<="}[bound]
+
+
+def _savings_cell(savings: list[tuple[float, str]]) -> str:
+    if all(bound == "" for _, bound in savings):
+        return mean_std([value for value, _ in savings], 100, digits=1) + " %"
+    return " / ".join(f"{bound}{100 * value:.0f}%" for value, bound in savings)
+
+
+def format_time_to_accuracy(results: Results, policies: Sequence[str], setup: EpochSetup) -> str:
+    """The table (mean ± std over seeds), then each policy against its controls, paired by seed."""
     key = setup_key(setup)
-    baselines = {r["seed"]: r for r in results.select(policy="fixed", setup=key)}
+    fixed_of = {r["seed"]: r for r in results.select(policy="fixed", setup=key)}
+    arms = ["fixed"]
+    for policy in [p for p in policies if p != "fixed"]:
+        arms += [policy, *(control_name(k, policy) for k in CONTROLS)]
+    plain: dict[str, list[tuple[float, float]]] = {}
+    for seed, fixed in fixed_of.items():
+        plain[seed] = [(1.0, float(fixed["final_accuracy"]))] + [
+            (float(r["trained"]) / float(fixed["trained"]), float(r["final_accuracy"]))
+            for r in results.rows
+            if r["setup"] == key and r["seed"] == seed and r["policy"].startswith("short@")
+        ]
     header = [
-        "policy",
+        "arm",
         "seeds",
-        "reached baseline",
-        "time to baseline's final acc / baseline's (CPU)",
-        "(wall)",
         "final acc %",
         "best acc %",
-        "samples trained",
+        "samples (x full)",
         "steps",
+        "samples to full's final (x)",
+        "to 99% of it (x)",
+        "saving at equal acc",
         "train CPU s",
         "train wall s",
     ]
     rows = []
-    for policy in ["fixed", *[p for p in policies if p != "fixed"]]:
-        runs = [r for r in results.select(policy=policy, setup=key) if r["seed"] in baselines]
+    for arm in arms:
+        runs = [r for r in results.select(policy=arm, setup=key) if r["seed"] in fixed_of]
         if not runs:
             continue
-        cpu_ratios, wall_ratios = [], []
+        fractions, to_final, to_99, savings = [], [], [], []
         for run in runs:
-            baseline = baselines[run["seed"]]
-            target = float(baseline["final_accuracy"])
-            cpu = time_to_target(run, target, clock=1)
-            wall = time_to_target(run, target, clock=0)
-            if cpu is not None and wall is not None:
-                cpu_ratios.append(cpu / float(baseline["cpu_seconds"]))
-                wall_ratios.append(wall / float(baseline["train_seconds"]))
+            fixed = fixed_of[run["seed"]]
+            full = float(fixed["trained"])
+            fractions.append(float(run["trained"]) / full)
+            target = float(fixed["final_accuracy"])
+            reached = samples_to(run, target)
+            reached_99 = samples_to(run, 0.99 * target)
+            to_final.append(None if reached is None else reached / full)
+            to_99.append(None if reached_99 is None else reached_99 / full)
+            savings.append(_saving(run, fixed, plain[run["seed"]]))
         rows.append(
             [
-                policy,
+                arm,
                 len(runs),
-                f"{len(cpu_ratios)}/{len(runs)}",
-                mean_std(cpu_ratios) if cpu_ratios else "never",
-                mean_std(wall_ratios) if wall_ratios else "never",
                 mean_std(floats(runs, "final_accuracy"), 100),
                 mean_std(floats(runs, "best_accuracy"), 100),
-                f"{statistics.fmean(floats(runs, 'trained')):.0f}",
+                mean_std(fractions),
                 f"{statistics.fmean(floats(runs, 'steps')):.0f}",
+                _reached(to_final),
+                _reached(to_99),
+                _savings_cell(savings),
                 mean_std(floats(runs, "cpu_seconds"), digits=0),
                 mean_std(floats(runs, "train_seconds"), digits=0),
             ]
         )
     table = markdown_table(header, rows)
+    paired = _paired(results, key, [p for p in policies if p != "fixed"])
+    if paired:
+        table += "\n\n" + paired
     gains = []
-    for baseline in baselines.values():
+    for baseline in fixed_of.values():
         curve = [point[3] for point in parse_curve(baseline["curve"])]
         if len(curve) >= 5:
             gains.append(curve[-1] - curve[int(0.8 * len(curve)) - 1])
     if gains:
         table += (
-            f"\n\nThe baseline's last 20% of epochs added {mean_std(gains, 100)} points of test "
+            f"\n\nThe full run's last 20% of epochs added {mean_std(gains, 100)} points of test "
             "accuracy (mean ± std over seeds)."
         )
     return table
 
 
+def _reached(values: list[float | None]) -> str:
+    hits = [v for v in values if v is not None]
+    if not hits:
+        return f"never (0/{len(values)})"
+    return f"{mean_std(hits)} ({len(hits)}/{len(values)})"
+
+
+def _paired(results: Results, key: str, policies: Sequence[str]) -> str:
+    """Each policy's final accuracy minus each comparison's, seed by seed."""
+    rows = []
+    for policy in policies:
+        mine = {
+            r["seed"]: float(r["final_accuracy"]) for r in results.select(policy=policy, setup=key)
+        }
+        for other in ("fixed", *(control_name(k, policy) for k in CONTROLS)):
+            theirs = {
+                r["seed"]: float(r["final_accuracy"])
+                for r in results.select(policy=other, setup=key)
+            }
+            seeds = sorted(set(mine) & set(theirs))
+            if not seeds:
+                continue
+            diffs = [mine[s] - theirs[s] for s in seeds]
+            wins = sum(d > 0 for d in diffs)
+            rows.append([policy, other, mean_std(diffs, 100), f"{wins}/{len(seeds)}"])
+    if not rows:
+        return ""
+    return "Paired by seed (final accuracy, points):\n\n" + markdown_table(
+        ["policy", "minus", "difference", "seeds it is ahead"], rows
+    )
+
+
 def plot_curves(results: Results, setup: EpochSetup, path: Path) -> Path:
-    """Test accuracy against training CPU time, every run."""
+    """Test accuracy against samples trained, every run."""
     figure_module = require("matplotlib.figure", "demo", "the benchmark's plots")
     figure = figure_module.Figure(figsize=(7, 4.5), layout="constrained")
     axes = figure.subplots()
@@ -181,7 +340,7 @@ def plot_curves(results: Results, setup: EpochSetup, path: Path) -> Path:
         points = parse_curve(row["curve"])
         label = row["policy"] if row["policy"] not in colours else None
         (line,) = axes.plot(
-            [p[1] for p in points],
+            [p[2] for p in points],
             [100 * p[3] for p in points],
             color=colours.get(row["policy"]),
             label=label,
@@ -189,9 +348,9 @@ def plot_curves(results: Results, setup: EpochSetup, path: Path) -> Path:
         )
         colours.setdefault(row["policy"], line.get_color())
     axes.set(
-        xlabel="training CPU time (s, all threads)",
+        xlabel="samples trained",
         ylabel="test accuracy (%)",
-        title="CIFAR-10, ResNet-8",
+        title=f"CIFAR-10, {setup.model}, {setup.epochs} epochs",
     )
     axes.legend(fontsize="small")
     figure.savefig(path, dpi=100)

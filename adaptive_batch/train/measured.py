@@ -1,0 +1,228 @@
+"""What StepFeedback holds of a batch: the batch being trained (what its forwards showed), and
+the measured batches on their way to the sampler."""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..contract import Feedback, Reason
+from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
+from ..probe import HeadLoss, check_model_output, gradient_moments
+from .transfer import HostCopy, to_device
+
+__all__ = [
+    "STAT_NAMES",
+    "InTransit",
+    "MeasureWarnings",
+    "PendingBatch",
+    "check_head_output",
+    "losses_of",
+    "measure_statistics",
+    "tensors_in",
+    "weak_hook",
+    "why_unmeasured",
+]
+
+
+@dataclass
+class PendingBatch:
+    """The batch last yielded, and what the training forward showed of it."""
+
+    indices: Tensor
+    targets: Any
+    rows: int
+    features: list[Tensor] = field(default_factory=list)  # when statistics are wanted
+    outputs: list[Tensor] = field(default_factory=list)
+    part_losses: list[Tensor] = field(default_factory=list)  # else: losses, computed at once
+    captured: int = 0
+    losses: Tensor | None = None  # reported directly (report_losses)
+    thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
+    weights: Tensor | None = None
+    weight_offset: int = 0
+    skipped: str = ""  # why a forward of the head did not count (the warning says it)
+    last_output: Tensor | None = None  # the head's output, for the one check of the model's
+
+
+STAT_NAMES = ("loss", "grad_sq_norm", "grad_variance")
+
+
+class _Warns(Protocol):
+    def warn_nonfinite(self, bad: int, rows: int) -> None: ...
+
+
+@dataclass
+class InTransit:
+    """A measured batch on its way to the sampler: its losses (after ``stats`` statistics)
+    copying to the host."""
+
+    indices: Tensor
+    copy: HostCopy | None  # None: unmeasured
+    stats: int
+    on_accelerator: bool = False
+
+    def feedback(self, stage: _Warns) -> Feedback:
+        empty = self.indices[:0]
+        if self.copy is None:
+            return Feedback(self.indices, empty, Reason.UNMEASURED, {"loss": math.nan})
+        host = self.copy.result()
+        losses = host[self.stats :]
+        values = losses.numpy()
+        finite = np.isfinite(values)
+        if not finite.all():
+            stage.warn_nonfinite(int((~finite).sum()), values.size)
+        if self.stats:
+            stats = dict(zip(STAT_NAMES, host[: self.stats].tolist(), strict=True))
+        else:
+            stats = {"loss": float(values.mean()) if values.size else math.nan}
+        reason = Reason.KEEP_ALL if math.isfinite(stats["loss"]) else Reason.NONFINITE
+        return Feedback(self.indices, empty, reason, stats, losses=losses)
+
+
+def tensors_in(output: Any) -> list[Tensor]:
+    """The tensors a model returned: itself, or those in a tuple, list, dict or ModelOutput."""
+    if isinstance(output, Tensor):
+        return [output]
+    if isinstance(output, dict):
+        return [v for v in output.values() if isinstance(v, Tensor)]
+    if isinstance(output, (tuple, list)):
+        return [v for v in output if isinstance(v, Tensor)]
+    return []
+
+
+def why_unmeasured(pending: PendingBatch, head: nn.Module | None) -> tuple[str, str]:
+    """Why a batch's forward was not measured: a key (each is said once) and the words."""
+    if pending.skipped == "eval":
+        return "eval", (
+            "the head ran in eval mode (model.eval()): call model.train() before the training "
+            "forward; StepFeedback measures training forwards only"
+        )
+    if pending.skipped == "no_grad":
+        return "no_grad", (
+            "the head ran with gradients disabled (torch.no_grad() or inference_mode): the "
+            "training forward must run with gradients"
+        )
+    if pending.captured:
+        return "partial", (
+            f"the training forwards covered {pending.captured} of the batch's {pending.rows} "
+            "rows: every row must go through the model (micro-batches are joined in order)"
+        )
+    if head is not None:
+        return "never", (
+            f"the head {type(head).__name__} never ran. Is head= the module your model uses? If "
+            "the model is torch.compile'd (hooks inlined away) or the loss is computed "
+            "elsewhere, call batches.report_losses(per_sample_losses) after the forward; a "
+            "skipped step needs nothing"
+        )
+    return "no_model", (
+        "StepFeedback has no model, so it reports only what batches.report_losses(...) gives "
+        "it, and this batch got none"
+    )
+
+
+def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
+    """Per-sample losses of one forward's (detached) head outputs, in float32 at least, on the
+    outputs' device: no graph is built and nothing waits for the device."""
+    if isinstance(targets, Tensor):
+        targets = to_device(targets, outputs.device)
+    if outputs.dtype != torch.float32 and outputs.dtype != torch.float64:
+        outputs = outputs.float()  # losses in float32 from half-precision logits
+    if torch.is_autocast_enabled(outputs.device.type):
+        with torch.autocast(outputs.device.type, enabled=False):
+            return loss.losses(outputs, targets)
+    return loss.losses(outputs, targets)
+
+
+def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -> InTransit:
+    """The batch's per-sample losses and head-gradient moments (closed form, ``O(B (C + D))``),
+    packed into one tensor and copying to the host."""
+    features, outputs = torch.cat(pending.features), torch.cat(pending.outputs)
+    dtype = torch.promote_types(features.dtype, torch.float32)
+    targets = pending.targets
+    if isinstance(targets, Tensor):
+        targets = to_device(targets, outputs.device)
+    with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
+        features, outputs = features.to(dtype), outputs.to(dtype)
+        losses = loss.losses(outputs, targets)
+        moments = gradient_moments(head, features, lambda: loss.gradients(outputs, targets))
+        if moments is None:
+            nan = losses.new_full((), math.nan)
+            stats = torch.stack([losses.mean(), nan, nan])
+        else:
+            sq_norms, mean_sq = moments
+            stats = torch.stack([losses.mean(), mean_sq, (sq_norms.mean() - mean_sq).clamp_min(0)])
+        packed = torch.cat([stats.to(losses.dtype), losses.detach()])  # one transfer
+    return InTransit(
+        pending.indices, HostCopy(packed), len(STAT_NAMES), packed.device.type != "cpu"
+    )
+
+
+def check_head_output(output: Any, head_output: Tensor, head: nn.Module | None) -> None:
+    """Refuse a model whose output (or no tensor in it) is not its head's output."""
+    for candidate in tensors_in(output):
+        try:
+            check_model_output(candidate, head_output, head)  # type: ignore[arg-type]
+            return
+        except AdaptiveBatchError:
+            continue
+    raise AdaptiveBatchError(
+        f"StepFeedback measures the output of {type(head).__name__} (the model's last nn.Linear "
+        "unless head= says otherwise), but the model returns something else (a layer after the "
+        "head, or a head written as a function): the losses it would report are not your loss. "
+        "Pass head=<the module whose output the model returns> (a module or its name in "
+        "model.named_modules()), or report the losses yourself with StepFeedback(loader, None, "
+        "sampler=sampler) and batches.report_losses(losses)."
+    )
+
+
+def weak_hook(stage: object, name: str) -> Any:
+    """A forward hook calling ``stage.<name>`` that holds the stage weakly (dropping the stage
+    leaves a no-op, and no reference cycle keeps a loader alive)."""
+    method_ref = weakref.WeakMethod(getattr(stage, name))
+
+    @torch.compiler.disable  # host-side bookkeeping: a compiled model runs it eagerly
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        method = method_ref()
+        if method is not None:
+            method(module, args, output)
+
+    return hook
+
+
+class MeasureWarnings:
+    """Mixin of :class:`~adaptive_batch.StepFeedback`: each reason a batch went unmeasured, and
+    non-finite losses, said once."""
+
+    head: nn.Module | None
+    _warned: set[str]
+
+    def _warn_unmeasured(self, pending: PendingBatch) -> None:
+        key, why = why_unmeasured(pending, self.head)
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"StepFeedback could not measure a batch, so its feedback carries no loss: {why}.",
+                AdaptiveBatchWarning,
+                stacklevel=4,
+            )
+
+    def warn_nonfinite(self, bad: int, rows: int) -> None:
+        """Say once that a batch had NaN or infinite per-sample losses."""
+        if "nonfinite" not in self._warned:
+            self._warned.add("nonfinite")
+            warnings.warn(
+                f"{bad} of the {rows} per-sample losses of a batch were NaN or infinite: those "
+                "samples get no score (an epoch plan cannot rank them, a sizing rule skips the "
+                "batch). Check the inputs and targets for NaNs, the learning rate, or a loss "
+                "scaler.",
+                AdaptiveBatchWarning,
+                stacklevel=5,
+            )

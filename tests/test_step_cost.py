@@ -1,0 +1,125 @@
+"""The per-step path is O(batch): no operation in a steady-state training step touches more than a
+fixed multiple of the batch, whatever the dataset's size (the epoch-level work -- drawing a plan,
+shuffling -- happens once per epoch, outside the steps measured here)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from adaptive_batch import AdaptiveBatchSampler, IndexedSample, StepFeedback, SubsetFilter
+from adaptive_batch.policies import GradientNoiseScale, InfoBatch, SmallLoss, StaleSelectiveBackprop
+
+DATASET, BATCH = 300_000, 32
+#: What a step may touch: a fixed multiple of the batch (the look-ahead probe's Gram matrix is
+#: B x B = 32 B here), far below the dataset's 300,000.
+LIMIT = 64 * BATCH
+
+
+class LargestTensorTouched(TorchDispatchMode):
+    """Records the largest tensor any torch op reads or writes, parameters excluded."""
+
+    def __init__(self, ignore: set[int]) -> None:
+        super().__init__()
+        self.ignore = ignore
+        self.largest = 0
+        self.op = ""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves((args, kwargs, out)):
+            if not isinstance(leaf, torch.Tensor):
+                continue
+            if leaf.untyped_storage().data_ptr() not in self.ignore and leaf.numel() > self.largest:
+                self.largest, self.op = leaf.numel(), str(func)
+        return out
+
+
+class RecordingArray(np.ndarray):
+    """A numpy column that records the largest array any ufunc (a sum, a comparison) sees."""
+
+    largest: ClassVar[list[int]] = [0]
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        plain = [np.asarray(i) if isinstance(i, RecordingArray) else i for i in inputs]
+        for i in plain:
+            if isinstance(i, np.ndarray):
+                RecordingArray.largest[0] = max(RecordingArray.largest[0], i.size)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(o) for o in kwargs["out"])
+        return getattr(ufunc, method)(*plain, **kwargs)
+
+
+def _record_numpy_columns(sampler: AdaptiveBatchSampler) -> None:
+    ledger = sampler.ledger
+    for name in ("_in_flight", "_kept", "_dropped", "_losses"):
+        setattr(ledger, name, getattr(ledger, name).view(RecordingArray))
+
+
+def _batch(indices: list[int]) -> IndexedSample:
+    index = torch.tensor(indices)
+    x = torch.sin(index.float()[:, None] * torch.linspace(0.01, 1, 8))
+    return IndexedSample(index, (x, index % 4))
+
+
+@pytest.mark.parametrize(
+    ("policy", "stage"),
+    [
+        (InfoBatch(), "step"),
+        (StaleSelectiveBackprop(), "step"),
+        (SmallLoss(warmup_epochs=0), "step"),
+        (GradientNoiseScale(), "step"),
+        (None, "filter"),
+    ],
+    ids=["infobatch", "stale-sb", "small-loss", "gns", "filter"],
+)
+def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = AdaptiveBatchSampler(
+        DATASET, policy=policy, batch_size=BATCH, min_batch_size=BATCH, max_batch_size=BATCH
+    )
+    if stage == "step":
+        batches = StepFeedback(None, model, sampler=sampler)
+        loss_fn = batches.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
+    else:
+        batches = SubsetFilter(None, model, sampler=sampler)
+        loss_fn = F.cross_entropy
+    # Past the first epoch: every index has a loss, so the plan prunes and weighs.
+    state = sampler.state_dict()
+    state["ledger"]["losses"] = torch.rand(DATASET)
+    sampler.load_state_dict(state)
+    sampler.set_epoch(1)
+    handed = iter(sampler)
+
+    def step() -> None:
+        item = _batch(next(handed))
+        x, y = batches.hand_out(item) if stage == "step" else batches.filter_batch(item)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(3):  # the epoch's plan and order are decided in the first
+        step()
+    _record_numpy_columns(sampler)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    parameters |= {
+        s["momentum_buffer"].untyped_storage().data_ptr()
+        for s in optimizer.state.values()
+        if s.get("momentum_buffer") is not None
+    }
+    RecordingArray.largest[0] = 0
+    with LargestTensorTouched(parameters) as mode:
+        for _ in range(5):
+            step()
+    assert sampler.num_feedback >= 5  # the steps were measured and reported
+    assert mode.largest <= LIMIT, f"{mode.op} touched {mode.largest} elements"
+    assert RecordingArray.largest[0] <= LIMIT
