@@ -124,8 +124,8 @@ class TrajectoryLogger:
             "kept_fraction": feedback.num_kept / candidates if candidates else math.nan,
             "next_batch_size": sampler.batch_size,
             "requested_batch_size": sampler.requested_batch_size,
-            "candidates_total": sampler.ledger.num_candidates,
-            "kept_total": int(sampler.times_kept.sum()),
+            "candidates_total": sampler.num_candidates,
+            "kept_total": sampler.num_kept,  # counters: nothing per step sums over the dataset
             "lr": self.optimizer.param_groups[0]["lr"] if self.optimizer is not None else None,
             "reason": str(feedback.reason),
         }
