@@ -288,3 +288,53 @@ def test_a_report_lag_delays_feedback_but_an_epoch_ends_with_all_of_it(lag):
         assert sampler.num_feedback == max(seen - 1 - lag, 0)
     assert sampler.num_feedback == seen  # the epoch's end waits for all of it
     assert sampler.ledger.num_scored == len(data)
+
+
+class HeadAsFunction(nn.Module):
+    """A custom head written as ``x @ W``: its last nn.Linear is not what it returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(8, 16)
+        self.weight = nn.Parameter(torch.randn(16, 3))
+
+    def forward(self, x):
+        return torch.relu(self.body(x)) @ self.weight
+
+
+@pytest.mark.parametrize("policy", [InfoBatch(), GradientNoiseScale()], ids=["plan", "sizing"])
+@pytest.mark.parametrize(
+    "model",
+    [
+        lambda: nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3), nn.LayerNorm(3)),
+        HeadAsFunction,
+    ],
+    ids=["layernorm-after-head", "head-as-function"],
+)
+def test_a_model_whose_output_is_not_its_head_s_is_refused_naming_head(model, policy):
+    data = blobs(32)
+    sampler = AdaptiveBatchSampler(data, policy=policy, batch_size=16, min_batch_size=8)
+    net = model()
+    batches = StepFeedback(
+        DataLoader(IndexedDataset(data), batch_sampler=sampler), net, sampler=sampler
+    )
+    with pytest.raises(AdaptiveBatchError, match="head="):
+        for x, y in batches:
+            F.cross_entropy(net(x), y).backward()
+
+
+def test_nan_losses_warn_once_and_eval_mode_says_so():
+    data = blobs(32)
+    data.tensors[0][5] = float("nan")
+    sampler = AdaptiveBatchSampler(data, policy=InfoBatch(), batch_size=16, min_batch_size=8)
+    net = mlp()
+    batches = StepFeedback(
+        DataLoader(IndexedDataset(data), batch_sampler=sampler), net, sampler=sampler
+    )
+    with pytest.warns(AdaptiveBatchWarning, match="NaN or infinite"):
+        for x, y in batches:
+            F.cross_entropy(net(x), y).backward()
+    net.eval()  # a slip: the training forward in eval mode
+    with pytest.warns(AdaptiveBatchWarning, match=r"eval mode \(model.eval\(\)\)"):
+        for x, y in batches:
+            F.cross_entropy(net(x), y).backward()

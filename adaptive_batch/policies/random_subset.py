@@ -50,6 +50,8 @@ class RandomSubset(Stateless):
         self.fraction = fraction
         self.num_epochs = num_epochs
         self.seed = seed
+        # (size, count, epoch, round, offset): where the walk stood last (a cache, not state)
+        self._walk: tuple[int, int, int, int, int] | None = None
 
     def per_epoch(self, size: int) -> int:
         """How many of ``size`` indices an epoch draws (at least one)."""
@@ -82,7 +84,7 @@ class RandomSubset(Stateless):
     def _walk_to(self, epoch: int, size: int, count: int) -> tuple[int, int]:
         """Where the walk stands at the start of ``epoch`` (cached: the walk is a function of the
         seed, the size and the count, so it is not state)."""
-        walk = getattr(self, "_walk", None)
+        walk = self._walk
         if walk is None or walk[:2] != (size, count) or walk[2] > epoch:
             walk = (size, count, 0, 0, 0)
         _, _, at, round_, offset = walk

@@ -33,8 +33,14 @@ def find_head(model: nn.Module) -> nn.Linear:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """``obj`` with every tensor inside it (tuples, lists, dicts) on ``device``."""
+    """``obj`` with every tensor inside it (tuples, lists, dicts) on ``device``, without making
+    the host wait: a CPU tensor bound for a GPU goes through pinned memory and a non-blocking
+    copy."""
     if isinstance(obj, Tensor):
+        if obj.device == device:
+            return obj
+        if device.type == "cuda" and obj.device.type == "cpu" and not obj.is_pinned():
+            obj = obj.pin_memory()
         return obj.to(device, non_blocking=True)
     if isinstance(obj, Mapping):
         return {k: to_device(v, device) for k, v in obj.items()}

@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from ..contract import Feedback, Reason
 from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
-from ..probe import HeadLoss, check_model_output, gradient_moments
-from .transfer import HostCopy, to_device
+from ..probe import HeadLoss, check_model_output, gradient_moments, to_device
+from .transfer import HostCopy
 
 __all__ = [
     "STAT_NAMES",
@@ -49,7 +49,7 @@ class PendingBatch:
     weights: Tensor | None = None
     weight_offset: int = 0
     skipped: str = ""  # why a forward of the head did not count (the warning says it)
-    last_output: Tensor | None = None  # the head's output, for the one check of the model's
+    last_output: Tensor | None = None  # the head's output (detached), for the one output check
 
 
 STAT_NAMES = ("loss", "grad_sq_norm", "grad_variance")
@@ -131,8 +131,7 @@ def why_unmeasured(pending: PendingBatch, head: nn.Module | None) -> tuple[str, 
 def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
     """Per-sample losses of one forward's (detached) head outputs, in float32 at least, on the
     outputs' device: no graph is built and nothing waits for the device."""
-    if isinstance(targets, Tensor):
-        targets = to_device(targets, outputs.device)
+    targets = to_device(targets, outputs.device)
     if outputs.dtype != torch.float32 and outputs.dtype != torch.float64:
         outputs = outputs.float()  # losses in float32 from half-precision logits
     if torch.is_autocast_enabled(outputs.device.type):
@@ -146,9 +145,7 @@ def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -
     packed into one tensor and copying to the host."""
     features, outputs = torch.cat(pending.features), torch.cat(pending.outputs)
     dtype = torch.promote_types(features.dtype, torch.float32)
-    targets = pending.targets
-    if isinstance(targets, Tensor):
-        targets = to_device(targets, outputs.device)
+    targets = to_device(pending.targets, outputs.device)
     with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
         features, outputs = features.to(dtype), outputs.to(dtype)
         losses = loss.losses(outputs, targets)

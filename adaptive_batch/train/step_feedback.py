@@ -207,7 +207,8 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         else:
             batch = next(source, None)
         if batch is None:
-            self.settle()
+            if not self.fetched_ahead:  # (a trainer's last step may not have run yet)
+                self.settle()
             self._deliver(0)
             return None
         return self.hand_out(batch)
@@ -268,14 +269,14 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         start = pending.captured
         if start + rows > pending.rows:
             return  # more rows than the batch has: another forward of the same batch
+        if not self._output_checked:
+            pending.last_output = output.detach()  # for the one check of the model's output
         targets = pending.targets
         if self.wants_statistics or not isinstance(targets, Tensor) or pending.rows != len(targets):
             pending.features.append(features.detach().clone())
             pending.outputs.append(output.detach().clone())
         else:  # an epoch plan reads losses only: compute them now, keep nothing else
             part = targets if rows == pending.rows else targets[start : start + rows]
-            if not self._output_checked:
-                pending.last_output = output  # kept for the one check of the model's output
             pending.part_losses.append(losses_of(self.loss, output.detach(), part))
         pending.captured += rows
 
@@ -283,15 +284,12 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         """The model's output must be its head's (or a view of it): checked once, on the first
         training forward the head took part in."""
         pending = self._pending
-        if self._output_checked or pending is None or not module.training:
+        if self._output_checked or pending is None or pending.last_output is None:
             return
-        if not torch.is_grad_enabled() or not (pending.outputs or pending.part_losses):
+        if not module.training or not torch.is_grad_enabled():
             return
         self._output_checked = True
-        head_output = pending.outputs[-1] if pending.outputs else pending.last_output
-        if head_output is None:
-            return
-        check_head_output(output, head_output, self.head)
+        check_head_output(output, pending.last_output, self.head)
 
     def report_losses(self, losses: Tensor) -> None:
         """Report the per-sample losses of the batch just yielded yourself (``[B]``, in batch

@@ -1,9 +1,10 @@
-"""Moving a step's small tensors between host and device without stalling the device.
+"""Copying a step's small results to the host without stalling the device.
 
-A stage's per-step numbers (a batch's losses and statistics, an epoch plan's weights) are a few
-hundred floats. Copying them to the host with a blocking copy would make the host wait for the
-device every step; :class:`HostCopy` starts a non-blocking copy into pinned memory instead and is
-read a step later, when the device is long done with it. On the CPU both are no-ops.
+A stage's per-step numbers (a batch's losses and statistics) are a few hundred floats. Copying
+them to the host with a blocking copy would make the host wait for the device every step;
+:class:`HostCopy` starts a non-blocking copy into pinned memory instead and is read a step later,
+when the device is long done with it. On the CPU it is a no-op. (The other direction, host to
+device, is :func:`adaptive_batch.probe.to_device`.)
 """
 
 from __future__ import annotations
@@ -11,17 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["HostCopy", "to_device"]
-
-
-def to_device(tensor: Tensor, device: torch.device) -> Tensor:
-    """``tensor`` on ``device`` without making the host wait: a CPU tensor bound for a GPU goes
-    through pinned memory and a non-blocking copy."""
-    if tensor.device == device:
-        return tensor
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
+__all__ = ["HostCopy"]
 
 
 class HostCopy:

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AdaptiveBatchError
-from ..probe import LossFn
-from .transfer import to_device
+from ..probe import LossFn, to_device
 
 __all__ = ["PlanWeights", "WeightedLoss"]
 

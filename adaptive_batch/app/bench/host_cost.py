@@ -30,6 +30,8 @@ from adaptive_batch.policies import (
     StaleSelectiveBackprop,
 )
 
+from .common import markdown_table
+
 __all__ = ["HostCost", "format_host_cost", "measure_host_cost", "score_table_bytes"]
 
 FEATURES, CLASSES = 32, 10
@@ -99,6 +101,8 @@ class _WithLibrary:
             self.loss = self.stage.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
         elif stage == "filter":
             self.stage = SubsetFilter(None, self.model, sampler=self.sampler)
+        elif self.sampler.expects_feedback:
+            raise AssertionError("a variant without a stage must not expect feedback")
         self.batches: Iterator[list[int]] = iter(self.sampler)
 
     def step(self) -> None:
@@ -108,17 +112,13 @@ class _WithLibrary:
             indices = next(self.batches)
         index = torch.tensor(indices)
         x, y = make_batch(index)
-        if self.stage is None:
-            pass
-        elif isinstance(self.stage, StepFeedback):
+        if isinstance(self.stage, StepFeedback):
             x, y = self.stage.hand_out(IndexedSample(index, (x, y)))
-        else:
+        elif self.stage is not None:
             x, y = self.stage.filter_batch(IndexedSample(index, (x, y)))
         self.optimizer.zero_grad()
         self.loss(self.model(x), y).backward()
         self.optimizer.step()
-        if self.stage is None and self.sampler.expects_feedback:
-            raise AssertionError("a variant without a stage must not expect feedback")
 
 
 def _load_random_scores(sampler: AdaptiveBatchSampler) -> None:
@@ -230,8 +230,6 @@ def format_host_cost(costs: list[HostCost], table_bytes: float) -> str:
         ]
         for variant in variants
     ]
-    from .common import markdown_table
-
     return (
         markdown_table(header, rows + starts)
         + f"\n\nScore table: {table_bytes:.1f} bytes per dataset index. A batch of 256 from a tiny "

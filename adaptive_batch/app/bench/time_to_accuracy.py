@@ -112,7 +112,9 @@ def run_time_to_accuracy(
                 fraction = float(row["trained"]) / float(fixed["trained"])
                 for kind in CONTROLS:
                     name = control_name(kind, policy)
-                    if fraction > CONTROL_BELOW or results.has(policy=name, seed=seed, setup=key):
+                    if results.has(policy=name, seed=seed, setup=key):
+                        continue  # stored: not counted in the bar's total
+                    if fraction > CONTROL_BELOW:  # no control needed: counted, so step over it
                         progress.update(setup.epochs * images)
                         continue
                     if kind == "short":
