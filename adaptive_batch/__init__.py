@@ -16,7 +16,6 @@ Policies (:mod:`adaptive_batch.policies`) decide; the application wing (:mod:`ad
 the command line, the demo, the benchmarks) uses all of it and is used by none of it.
 """
 
-from . import _compat
 from .contract import Feedback, GradientNoise, ProbeResult, Progress, Reason, Selection
 from .errors import (
     AdaptiveBatchError,
@@ -60,5 +59,3 @@ __all__ = [
     "find_head",
     "fold_tail",
 ]
-
-_compat.install()

@@ -77,8 +77,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the data (3)")
+    parser.add_argument("--samples", type=int, default=1024, help="synthetic samples (1024)")
     parser.add_argument("--cpu", action="store_true", help="train on the CPU even with a GPU")
     parser.add_argument("--report", default=None, help="write PREFIX-<rank>.json")
     parser.add_argument("--save", default=None, help="train one epoch, then save_state() here")

@@ -67,6 +67,12 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD)
 
 
+def sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean loss over its characters that are not padding: ``[B]``."""
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=PAD, reduction="none")
+    return per_token.sum(1) / (targets != PAD).sum(1).clamp_min(1)
+
+
 def run(name: str, policy, train, corrupted, test, vocab_size, args) -> dict:
     torch.manual_seed(args.seed)  # the same initial weights for every run
     model = CharLM(vocab_size)
@@ -75,19 +81,25 @@ def run(name: str, policy, train, corrupted, test, vocab_size, args) -> dict:
     loader = DataLoader(IndexedDataset(train), batch_sampler=sampler)
     # The sequence loss: each sequence's mean over its characters that are not padding.
     batches = StepFeedback(loader, model, sampler=sampler, loss="sequence_cross_entropy")
+    # The plan's weights (0 for the dropped sequences it only scores again) reach the loss here.
+    loss_fn = batches.weighted(sequence_losses)
     trained = torch.zeros(len(train), dtype=torch.long)
     late = torch.zeros(len(train), dtype=torch.long)  # trained after the warm-up
     start = time.perf_counter()
     for epoch in range(args.epochs):
         model.train()
         for x, y in batches:  # the loop body is the usual one
-            loss = token_loss(model(x), y)
+            loss = loss_fn(model(x), y)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            trained[batches.current_indices] += 1
+            weights = batches.batch_weights()
+            indices = batches.current_indices
+            if weights is not None:
+                indices = indices[weights > 0]  # weight 0: scored, not trained
+            trained[indices] += 1
             if epoch >= args.warmup:
-                late[batches.current_indices] += 1
+                late[indices] += 1
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -110,12 +122,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=8, help="passes over the data (8)")
     parser.add_argument("--warmup", type=int, default=2, help="small-loss warm-up epochs (2)")
     parser.add_argument("--corrupt", type=float, default=0.2, help="noise share (0.2)")
     parser.add_argument("--length", type=int, default=64, help="characters per sequence (64)")
     parser.add_argument("--limit", type=int, default=None, help="use only this many sequences")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="model, data and policy seed (0)")
     args = parser.parse_args()
 
     text = corpus()

@@ -38,11 +38,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=1024)
-    parser.add_argument("--chunk-size", type=int, default=None, help="size batches where consumed")
-    parser.add_argument("--report", default=None, help="write PREFIX-<rank>.json")
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the data (2)")
+    parser.add_argument("--samples", type=int, default=1024, help="synthetic samples (1024)")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="size batches where they are consumed"
+    )
+    parser.add_argument("--report", default=None, help="write PREFIX-<rank>.json per rank")
     args = parser.parse_args()
+    if "RANK" not in os.environ:
+        sys.exit(
+            "ddp_train.py runs one process per rank: launch it with torchrun, e.g.\n"
+            "    torchrun --nproc_per_node=2 examples/ddp_train.py"
+        )
 
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -50,9 +50,8 @@ class Classifier(L.LightningModule):
         if self.stage_kind == "look_ahead":
             policy = EDBA(seed=2, factor=1.5)
         else:
-            policy = Policy(
-                sizing=GradientNoiseScale(overhead_samples=512.0), plan=InfoBatch(num_epochs=EPOCHS)
-            )
+            # No num_epochs: the callback gives the plan the trainer's max_epochs.
+            policy = Policy(sizing=GradientNoiseScale(overhead_samples=512.0), plan=InfoBatch())
         sampler = AdaptiveBatchSampler(
             self.data, policy=policy, batch_size=12, min_batch_size=6, max_batch_size=36, seed=4
         )

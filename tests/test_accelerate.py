@@ -90,9 +90,13 @@ def test_prepare_loader_keeps_the_sampler_and_its_epoch():
     assert prepared.batch_sampler is sampler
     model = torch.nn.Linear(8, 3)
     seen = []
+    batches = StepFeedback(prepared, model, sampler=sampler)
+    loss_fn = batches.weighted(
+        lambda out, y: torch.nn.functional.cross_entropy(out, y, reduction="none")
+    )
     for epoch in range(2):
-        for x, y in StepFeedback(prepared, model, sampler=sampler):
-            model(x)
+        for x, y in batches:
+            loss_fn(model(x), y)
             seen.append((epoch, len(y)))
     assert sum(size for epoch, size in seen if epoch == 0) == 64
     assert sampler.next_epoch == 2

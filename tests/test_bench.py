@@ -18,6 +18,7 @@ from torch.utils.data import TensorDataset
 from adaptive_batch.app import runner
 from adaptive_batch.app.bench.cifar import load_cifar10, stratified_subset
 from adaptive_batch.app.bench.common import Results, mean_std
+from adaptive_batch.app.bench.sizing import parse_sizes
 from adaptive_batch.app.cli import main
 from adaptive_batch.app.runner import RunSpec, train
 
@@ -52,8 +53,22 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
     assert float(tta[3]["fraction"]) == pytest.approx(fraction, abs=1e-4)
     assert int(tta[2]["epochs"]) == max(1, round(fraction * int(tta[0]["epochs"])))
     noisy = read_csv(tmp_path / "noisy-cifar.csv")
-    assert [r["policy"] for r in noisy] == ["fixed", "small-loss"]
+    arms = ["fixed", "fixed-8", "fixed-128", "small-loss", "small-loss-inbatch"]
+    arms += ["short@small-loss-inbatch", "rs2@small-loss-inbatch"]  # it trained on fewer
+    assert [r["policy"] for r in noisy] == arms
+    inbatch = noisy[4]
+    assert int(inbatch["trained"]) < int(noisy[0]["trained"])  # the left-out are not trained
+    fraction = int(inbatch["trained"]) / int(noisy[0]["trained"])
+    short_epochs = max(1, round(fraction * 2))  # the schedule shortened to its samples
+    assert int(noisy[5]["trained"]) == short_epochs * int(noisy[0]["trained"]) // 2
     assert float(noisy[0]["trained_noisy_fraction"]) == pytest.approx(0.4)  # fixed trains on all
+    assert all(len(r["noisy_curve"].split(";")) == 2 for r in noisy)  # counted after each epoch
+    sizing = read_csv(tmp_path / "sizing.csv")
+    assert [r["arm"] for r in sizing] == ["fixed", "geodamp"]
+    for row in sizing:  # the recorded batch sizes account for every step and sample
+        sizes = parse_sizes(row["sizes"])
+        assert len(sizes) == int(row["steps"]) and sum(sizes) == int(row["trained"])
+    assert "Projected time is a model" in (tmp_path / "sizing.md").read_text()
     # The arms with a sampler leave their trajectory: one row per step, kept adding up.
     trajectories = tmp_path / "trajectories"
     infobatch = read_csv(trajectories / "time-to-accuracy-infobatch-0.csv")
@@ -197,3 +212,11 @@ def test_edba_selection_recipe_keeps_the_candidate_size_and_selects():
     result = train(spec, make_model, toy_data(), torch.arange(0, 300, 3))
     assert set(result.candidate_sizes) == {100}  # the size never moves from the sampler's start
     assert min(result.batch_sizes) < 100 and result.trained < result.candidates
+
+
+def test_measuring_memory_on_the_cpu_prints_no_profiler_noise(capfd):
+    from adaptive_batch.app.bench.common import peak_memory_bytes
+
+    assert peak_memory_bytes(lambda: torch.ones(1000), torch.device("cpu")) == 4000
+    _, err = capfd.readouterr()
+    assert "ERROR" not in err and "profiler_" not in err

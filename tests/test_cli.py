@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from adaptive_batch.app.bench.probe_cost import measure_probe_cost
 from adaptive_batch.app.cli import main
-from adaptive_batch.app.demo import load_digits_split, run_demo, train_run
+from adaptive_batch.app.demo import demo_figure, load_digits_split, run_demo, train_run
 from adaptive_batch.app.recipes import DEFAULT_POLICY, POLICY_NAMES
 
 
@@ -37,6 +37,13 @@ def test_demo_writes_table_plot_trajectory_and_results(tmp_path, capsys):
     assert len(rows) == pruned.steps
     assert int(rows[-1]["kept_total"]) == pruned.trained
     assert "trained vs fixed" in out and f"{pruned.trained / fixed.trained:.2f}x" in out
+    # The plot says what ran and shows time beside samples.
+    figure = demo_figure(results, title="fixed vs stale-sb, seed 1")
+    assert figure.get_suptitle() == "fixed vs stale-sb, seed 1"
+    timed = [a for a in figure.axes if "seconds" in a.get_xlabel()]
+    assert len(timed) == 2
+    accuracy_by_time = timed[0].get_lines()[0]
+    assert list(accuracy_by_time.get_xdata()) == [t for t, _, _, _ in fixed.curve]
 
 
 def test_demo_is_reproducible(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tarfile
@@ -47,6 +48,7 @@ def tiny_cifar(tmp_path: Path, packed: bool) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("packed", [False, True])
 def test_cifar10_resnet_example(tmp_path, packed):
+    pytest.importorskip("torchvision", reason="the example needs the torchvision built for torch")
     _, data = tiny_cifar(tmp_path, packed)
     out = run_example(
         "cifar10_resnet.py",
@@ -88,3 +90,41 @@ def test_char_lm_example_selects_sequences(tmp_path):
     assert set(rows) == {"fixed", "small-loss"}
     assert rows["small-loss"][1] < rows["fixed"][1]  # it trained on less noise after warm-up
     assert rows["small-loss"][2] < rows["fixed"][2]  # by dropping sequences
+
+
+def test_every_example_option_has_help_and_the_examples_use_the_public_api_only():
+    import ast
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
+                assert any(k.arg == "help" for k in node.keywords), f"{path.name}:{node.lineno}"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "adaptive_batch"
+            ):
+                parts = node.module.split(".")
+                assert "app" not in parts and not any(p.startswith("_") for p in parts), (
+                    f"{path.name}:{node.lineno} imports {node.module}: a template uses the "
+                    "public API"
+                )
+
+
+def test_the_ddp_example_run_without_torchrun_says_how_to_launch_it(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "examples" / "ddp_train.py"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, env=env
+    )
+    assert done.returncode != 0
+    assert "torchrun --nproc_per_node=2 examples/ddp_train.py" in done.stderr
+    assert "RANK expected" not in done.stderr  # not torch's own error
+
+
+def test_no_extra_pulls_a_newer_torch_over_an_installed_one():
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11's TOML reader")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    for extra, requirements in project["project"]["optional-dependencies"].items():
+        for requirement in requirements:
+            # torchvision and torchaudio pin the exact torch they were built for
+            assert not requirement.startswith(("torchvision", "torchaudio")), (extra, requirement)

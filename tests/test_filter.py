@@ -177,3 +177,72 @@ def test_take_carries_what_is_not_per_sample():
         (torch.arange(4), (torch.arange(4) * 2, ["a", "b", "c", "d"])), torch.tensor([0]), 4
     )
     assert nested[0].tolist() == [0] and nested[1][0].tolist() == [0] and nested[1][1] == ["a"]
+
+
+def _infobatch_pipeline(stage_type):
+    from torch.utils.data import TensorDataset
+
+    from adaptive_batch import IndexedDataset
+    from adaptive_batch.policies import InfoBatch
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+    sampler = AdaptiveBatchSampler(
+        data, policy=InfoBatch(prune_ratio=0.5, num_epochs=4), batch_size=16
+    )
+    loader = DataLoader(IndexedDataset(data), batch_sampler=sampler)
+    return data, model, sampler, stage_type(loader, model, sampler=sampler)
+
+
+def test_the_weighted_loss_gives_the_kept_rows_their_plan_weights():
+    data, model, sampler, batches = _infobatch_pipeline(SubsetFilter)
+    criterion = batches.weighted(
+        lambda out, y: nn.functional.cross_entropy(out, y, reduction="none")
+    )
+    for epoch in range(2):
+        for x, y in batches:
+            loss = criterion(model(x), y)
+            # the reference: the rows' dataset indices looked up in the plan, one by one
+            kept = batches.last_feedback.kept.tolist()
+            plan = sampler.weights_of(torch.tensor(kept))
+            weights = (
+                [1.0] * len(kept) if plan is None else [float(plan[i]) for i in range(len(kept))]
+            )
+            per_sample = nn.functional.cross_entropy(model(x), y, reduction="none").detach()
+            expected = sum(w * float(v) for w, v in zip(weights, per_sample, strict=True)) / len(
+                kept
+            )
+            assert loss.item() == pytest.approx(expected, rel=1e-5)
+            assert torch.equal(data.tensors[1][torch.tensor(kept)], y)  # rows in kept order
+            if epoch == 1:
+                assert plan is not None and set(plan.tolist()) <= {1.0, 2.0}
+            loss.backward()
+
+
+@pytest.mark.parametrize("stage", ["SubsetFilter", "StepFeedback"])
+def test_plan_weights_that_never_reach_the_loss_are_said_once(stage):
+    import adaptive_batch
+
+    _data, model, _sampler, batches = _infobatch_pipeline(getattr(adaptive_batch, stage))
+    with pytest.warns(AdaptiveBatchWarning, match=r"did not go through batches.weighted") as seen:
+        for _ in range(3):
+            for x, y in batches:
+                nn.functional.cross_entropy(model(x), y).backward()
+    assert len([w for w in seen if "batches.weighted" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("stage", ["SubsetFilter", "StepFeedback"])
+def test_the_sampler_given_as_sampler_is_met_with_batch_sampler_advice(stage):
+    from torch.utils.data import TensorDataset
+
+    import adaptive_batch
+    from adaptive_batch import IndexedDataset
+
+    data = TensorDataset(torch.randn(40, 3), torch.randint(0, 2, (40,)))
+    sampler = AdaptiveBatchSampler(data, batch_size=10)
+    loader = DataLoader(IndexedDataset(data), sampler=sampler)  # the likeliest slip
+    with pytest.raises(
+        adaptive_batch.AdaptiveBatchError, match=r"pass it as batch_sampler= instead"
+    ):
+        getattr(adaptive_batch, stage)(loader, nn.Linear(3, 2), sampler=sampler)

@@ -35,7 +35,7 @@ def zone(name: str) -> str:
     parts = name.split(".")
     if parts[0] != "adaptive_batch":
         return "external"
-    if len(parts) == 1 or parts[1] in ("nodes", "_compat"):
+    if len(parts) == 1 or parts[1] == "nodes":
         return "top"
     if parts[1] in ("errors", "optional"):
         return "shared"

@@ -52,6 +52,7 @@ def test_each_stage_trains_under_a_trainer(tmp_path, stage):
         expected = torch.tensor([v for r in last for v in r["losses"]])
         torch.testing.assert_close(sampler.ledger.losses[indices], expected)
         assert len(by_epoch(rows)[1]) < 160  # InfoBatch pruned the second epoch
+        assert sampler.policy.plan.num_epochs == 3  # the trainer's max_epochs, set by the callback
 
 
 @pytest.mark.parametrize("stage", STAGES)

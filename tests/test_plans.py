@@ -4,6 +4,7 @@ drops the planted mislabelled samples)."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from adaptive_batch import (
     AdaptiveBatchError,
     AdaptiveBatchSampler,
+    AdaptiveBatchWarning,
+    Feedback,
     IndexedDataset,
     StepFeedback,
     SubsetFilter,
@@ -29,7 +32,9 @@ from adaptive_batch.policies import (
     InfoBatch,
     Policy,
     SmallLoss,
+    SmallLossPlan,
     StaleSelectiveBackprop,
+    Stateless,
 )
 from adaptive_batch.policies.mixture import fit_loss_mixture
 
@@ -235,12 +240,15 @@ def test_small_loss_plan_drops_the_planted_mislabelled_samples():
     batches = StepFeedback(
         DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
     )
+    criterion = batches.weighted(lambda out, y: F.cross_entropy(out, y, reduction="none"))
     for _ in range(5):
         for x, y in batches:
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            criterion(model(x), y).backward()
             optimizer.step()
-    dropped = ~sampler.order.decide(4).drawn
+    plan = sampler.order.decide(4)
+    dropped = ~plan.drawn | (plan.weights == 0)  # left out, or drawn to be scored again only
+    assert 0 < int((plan.drawn & (plan.weights == 0)).sum()) < int(dropped.sum())
     precision = flipped[dropped].float().mean().item()
     recall = dropped[flipped].float().mean().item()
     assert precision > 0.9 and recall > 0.8, (precision, recall)
@@ -338,3 +346,89 @@ def test_rs2_needs_no_feedback_and_stops_at_num_epochs():
     assert not set(with_no_stage[0]) & set(with_no_stage[1])  # the second epoch: fresh samples
     with pytest.raises(AdaptiveBatchError, match="fraction"):
         RandomSubset(0.0)
+
+
+class _HalfFromEpochOne(Stateless):
+    """Draws everything in epoch 0, the second half of the indices from epoch 1 on."""
+
+    def plan(self, epoch, scores, generator):
+        drawn = torch.ones(scores.losses.numel(), dtype=torch.bool)
+        if epoch >= 1:
+            drawn[: drawn.numel() // 2] = False
+        return EpochPlan(drawn)
+
+
+def test_len_of_a_chunked_sampler_between_epochs_is_the_next_epoch_s():
+    sampler = AdaptiveBatchSampler(100, policy=_HalfFromEpochOne(), batch_size=20, chunk_size=10)
+    chunks = list(sampler)
+    assert len(chunks) == 10
+    for first in range(0, len(chunks), 2):  # batches assembled from two chunks each
+        batch = torch.tensor(chunks[first] + chunks[first + 1])
+        assert len(sampler) == 10  # the epoch still awaits feedback: its own length
+        sampler.feedback(Feedback(batch, batch[:0], losses=torch.rand(batch.numel())))
+    assert len(sampler) == 5 == len(list(sampler))  # the next epoch's plan, not the last one's
+
+
+def _epochs_with_feedback(sampler, epochs):
+    for _ in range(epochs):
+        for batch in sampler:
+            indices = torch.tensor(batch)
+            sampler.feedback(Feedback(indices, indices[:0], losses=torch.rand(indices.numel())))
+
+
+@pytest.mark.parametrize("rule", [InfoBatch, StaleSelectiveBackprop])
+def test_a_plan_that_anneals_says_once_when_it_lacks_the_run_s_length(rule):
+    sampler = AdaptiveBatchSampler(40, policy=rule(), batch_size=10)
+    _epochs_with_feedback(sampler, 1)  # the first epoch has no scores: nothing to say yet
+    with pytest.warns(AdaptiveBatchWarning, match=r"num_epochs=None\) never anneals") as seen:
+        _epochs_with_feedback(sampler, 3)
+    assert len(seen) == 1
+
+
+@pytest.mark.parametrize("rule", [InfoBatch, StaleSelectiveBackprop])
+def test_a_run_past_the_plan_s_num_epochs_is_said_once_and_len_alone_says_nothing(rule):
+    sampler = AdaptiveBatchSampler(40, policy=rule(num_epochs=2), batch_size=10)
+    _epochs_with_feedback(sampler, 2)
+    assert len(sampler) == 4  # looking at epoch 2's plan is not training it
+    with pytest.warns(AdaptiveBatchWarning, match="epoch 2 lies past") as seen:
+        _epochs_with_feedback(sampler, 2)
+    assert len(seen) == 1
+
+
+def test_infobatch_average_score_follows_a_hand_computed_average_and_resumes():
+    rule = InfoBatch(num_epochs=10, score="average", score_decay=0.5)
+    counts = torch.tensor
+    first = ScoreTable(
+        torch.tensor([1.0, 2.0, 3.0, math.nan]),
+        counts([1, 1, 1, 0], dtype=torch.int32),
+        counts([0, 0, 0, 0], dtype=torch.int32),
+    )
+    rule.plan(1, first, torch.Generator().manual_seed(0))
+    restored = InfoBatch(num_epochs=10, score="average", score_decay=0.5)
+    restored.load_state_dict(copy.deepcopy(rule.state_dict()))
+    # index 1 was not scored again; index 3 is scored for the first time
+    second = ScoreTable(
+        torch.tensor([3.0, 9.0, 1.0, 5.0]),
+        counts([2, 1, 2, 1], dtype=torch.int32),
+        counts([0, 0, 0, 0], dtype=torch.int32),
+    )
+    for r in (rule, restored):
+        plan = r.plan(2, second, torch.Generator().manual_seed(0))
+        assert r._scores(second).tolist() == [2.0, 2.0, 2.0, 5.0]  # 0.5 * old + 0.5 * new
+        assert plan.stats["mean"] == pytest.approx(11 / 4)
+
+
+def test_the_small_loss_plan_scores_a_share_of_the_dropped_again_at_weight_zero():
+    losses = torch.cat([torch.full((80,), 0.1), torch.full((20,), 5.0)])  # 20 clear outliers
+    generator = torch.Generator().manual_seed(0)
+    plan = SmallLossPlan(fraction=0.2, warmup_epochs=0, rescore=0.25).plan(
+        1, table(losses), generator
+    )
+    again = plan.drawn & (plan.weights == 0)
+    assert int(again.sum()) == 5 and bool((losses[again] == 5.0).all())  # a quarter of the 20
+    assert int((~plan.drawn).sum()) == 15 and bool((plan.weights[plan.drawn & ~again] == 1).all())
+    assert plan.stats["dropped"] == 15 and plan.stats["rescored"] == 5
+    never = SmallLossPlan(fraction=0.2, warmup_epochs=0, rescore=0.0).plan(
+        1, table(losses), generator
+    )
+    assert never.weights is None and int((~never.drawn).sum()) == 20

@@ -10,7 +10,14 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adaptive_batch import AdaptiveBatchSampler, Feedback, ProbeResult, Progress, Reason
+from adaptive_batch import (
+    AdaptiveBatchError,
+    AdaptiveBatchSampler,
+    Feedback,
+    ProbeResult,
+    Progress,
+    Reason,
+)
 from adaptive_batch.policies import (
     CABS,
     DBA,
@@ -21,10 +28,13 @@ from adaptive_batch.policies import (
     DBASizing,
     GeoDamp,
     GradientNoiseScale,
+    InBatchSmallLoss,
+    InfoBatch,
     KeepAll,
     PadaDamp,
     Policy,
     SelectiveBackprop,
+    StaleSelectiveBackprop,
 )
 from adaptive_batch.policies.arbiter import arbiter_objective, fit_curvature
 from adaptive_batch.policies.gns import goodput
@@ -339,3 +349,66 @@ def test_bad_parameters_are_refused():
     for make in bad:
         with pytest.raises(ValueError):
             make()
+
+
+@given(
+    losses=st.lists(st.floats(0, 10, allow_nan=False) | st.just(math.nan), min_size=1, max_size=40),
+    forget_rate=st.floats(0, 0.95),
+    epoch=st.integers(0, 20),
+)
+def test_in_batch_small_loss_keeps_the_scheduled_count_of_smallest_losses(
+    losses, forget_rate, epoch
+):
+    rule = InBatchSmallLoss(forget_rate, ramp_epochs=10)
+    values = torch.tensor(losses)
+    mask, kept = rule.keep_mask(values, epoch)
+    # Co-teaching's schedule, by hand: 1 - min(t / T_k, 1) * tau of the batch, at least one.
+    expected = max(1, math.ceil((1 - min(epoch / 10, 1) * forget_rate) * len(losses) - 1e-9))
+    assert kept == min(expected, len(losses)) == int(mask.sum())
+    finite = torch.nan_to_num(values, nan=math.inf)
+    if kept < len(losses):
+        assert finite[mask].max() <= finite[~mask].min()  # nothing dropped is smaller
+
+
+def _every_rule():
+    from adaptive_batch.policies import (
+        DBASelection,
+        DBASizing,
+        EDBASelection,
+        EDBASizing,
+        RandomSubset,
+        SmallLossPlan,
+        SmallLossSelection,
+    )
+
+    return [
+        CABS(lr=0.1),
+        AdaDamp(),
+        PadaDamp(),
+        GeoDamp(),
+        Arbiter(lr=0.1),
+        GradientNoiseScale(),
+        InfoBatch(num_epochs=3),
+        RandomSubset(0.5),
+        StaleSelectiveBackprop(num_epochs=3),
+        SmallLossPlan(),
+        SmallLossSelection(),
+        InBatchSmallLoss(0.2),
+        DBASelection(),
+        DBASizing(),
+        EDBASelection(),
+        EDBASizing(),
+        SelectiveBackprop(),
+    ]
+
+
+def test_a_rule_refuses_the_state_of_another_kind_of_rule_by_name():
+    rules = _every_rule()
+    for saved in rules:
+        state = saved.state_dict()
+        for loading in rules:
+            if type(loading) is type(saved):
+                loading.load_state_dict(state)  # its own kind: fine
+            elif state or loading.state_dict():  # two stateless rules have nothing to mix up
+                with pytest.raises(AdaptiveBatchError, match=type(loading).__name__):
+                    loading.load_state_dict(state)

@@ -72,13 +72,14 @@ def _batch(indices: list[int]) -> IndexedSample:
 @pytest.mark.parametrize(
     ("policy", "stage"),
     [
-        (InfoBatch(), "step"),
-        (StaleSelectiveBackprop(), "step"),
+        (InfoBatch(num_epochs=10), "step"),
+        (StaleSelectiveBackprop(num_epochs=10), "step"),
         (SmallLoss(warmup_epochs=0), "step"),
+        (SmallLoss(stage="in_batch", fraction=0.4, warmup_epochs=0), "step"),
         (GradientNoiseScale(), "step"),
         (None, "filter"),
     ],
-    ids=["infobatch", "stale-sb", "small-loss", "gns", "filter"],
+    ids=["infobatch", "stale-sb", "small-loss", "in-batch", "gns", "filter"],
 )
 def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
     torch.manual_seed(0)

@@ -18,8 +18,16 @@ from adaptive_batch import (
     IndexedDataset,
     Reason,
     StepFeedback,
+    SubsetFilter,
 )
-from adaptive_batch.policies import CABS, EDBA, GradientNoiseScale, InfoBatch
+from adaptive_batch.policies import (
+    CABS,
+    EDBA,
+    GradientNoiseScale,
+    InfoBatch,
+    SelectiveBackprop,
+    SmallLoss,
+)
 
 from .reference import per_sample_head_grads
 from .synthetic import blobs
@@ -232,8 +240,59 @@ def test_rules_that_need_a_look_ahead_probe_are_refused():
     StepFeedback(None, mlp(), sampler=sampler)  # head variance: fine
 
 
+@pytest.mark.parametrize(
+    "policy",
+    [SmallLoss(stage="look_ahead", epoch_size=40), SelectiveBackprop(), EDBA().selection],
+    ids=["small-loss-look-ahead", "selective-backprop", "edba-selection"],
+)
+def test_a_look_ahead_selection_rule_is_refused_not_ignored(policy):
+    sampler = AdaptiveBatchSampler(blobs(40), policy=policy, batch_size=10, min_batch_size=5)
+    with pytest.raises(
+        AdaptiveBatchError, match=r"StepFeedback trains on every sample.*SubsetFilter"
+    ):
+        StepFeedback(None, mlp(), sampler=sampler)
+
+
+def test_an_in_batch_rule_trains_on_the_smallest_losses_of_each_batch():
+    policy = SmallLoss(stage="in_batch", fraction=0.25, warmup_epochs=0)
+    _data, model, sampler, batches = setup(samples=48, policy=policy, batch_size=16)
+    criterion = batches.weighted(lambda out, y: F.cross_entropy(out, y, reduction="none"))
+    trained = []
+    for x, y in batches:
+        indices = batches.current_indices
+        loss = criterion(model(x), y)
+        # The slow reference: sort the batch's losses in Python, average the 12 smallest.
+        per_sample = F.cross_entropy(model(x), y, reduction="none").tolist()
+        order = sorted(range(len(per_sample)), key=per_sample.__getitem__)[:12]
+        assert loss.item() == pytest.approx(sum(per_sample[i] for i in order) / 12, rel=1e-6)
+        assert batches.trained_rows == 12
+        trained.append({int(indices[i]) for i in order})
+        loss.backward()
+    batches.close()
+    assert sampler.num_feedback == 3
+    kept = sampler.times_kept.nonzero().flatten().tolist()
+    assert set(kept) == set().union(*trained)  # the sampler counts the kept as trained
+    assert int(sampler.times_dropped.sum()) == 3 * 4
+    assert batches.last_feedback.reason == Reason.SELECTED
+
+
+def test_an_in_batch_rule_without_the_weighted_loss_warns_and_elsewhere_is_refused():
+    policy = SmallLoss(stage="in_batch", fraction=0.25, warmup_epochs=0)
+    _data, model, _sampler, batches = setup(policy=policy)
+    with pytest.warns(AdaptiveBatchWarning, match=r"batches.weighted\(...\)"):
+        for x, y in batches:
+            F.cross_entropy(model(x), y).backward()
+    sampler = AdaptiveBatchSampler(blobs(40), policy=policy, batch_size=10, min_batch_size=5)
+    with pytest.raises(AdaptiveBatchError, match="only StepFeedback's weighted loss"):
+        SubsetFilter(None, mlp(), sampler=sampler)
+    with pytest.raises(AdaptiveBatchError, match="give fraction="):
+        SmallLoss(stage="in_batch")
+
+
 def test_the_weighted_loss_applies_the_plan_weights():
-    _data, model, _sampler, batches = setup(policy=InfoBatch(prune_ratio=0.5), batch_size=8)
+    _data, model, _sampler, batches = setup(
+        policy=InfoBatch(prune_ratio=0.5, num_epochs=10), batch_size=8
+    )
     criterion = batches.weighted(lambda out, y: F.cross_entropy(out, y, reduction="none"))
     for epoch in range(2):
         for x, y in batches:
@@ -263,7 +322,7 @@ def test_state_dict_reports_the_batch_just_trained_first():
 
 def test_computes_the_statistics_only_when_something_reads_them():
     # An epoch plan reads per-sample losses only: no head-gradient statistics are computed.
-    _, model, _, batches = setup(policy=InfoBatch())
+    _, model, _, batches = setup(policy=InfoBatch(num_epochs=10))
     for x, y in batches:
         F.cross_entropy(model(x), y).backward()
     assert set(batches.last_feedback.stats) == {"loss"}
@@ -277,7 +336,7 @@ def test_computes_the_statistics_only_when_something_reads_them():
 
 @pytest.mark.parametrize("lag", [0, 1, 3])
 def test_a_report_lag_delays_feedback_but_an_epoch_ends_with_all_of_it(lag):
-    data, model, sampler, _ = setup(policy=InfoBatch())
+    data, model, sampler, _ = setup(policy=InfoBatch(num_epochs=10))
     loader = DataLoader(IndexedDataset(data), batch_sampler=sampler)
     batches = StepFeedback(loader, model, sampler=sampler, report_lag=lag)
     seen = 0
@@ -302,7 +361,9 @@ class HeadAsFunction(nn.Module):
         return torch.relu(self.body(x)) @ self.weight
 
 
-@pytest.mark.parametrize("policy", [InfoBatch(), GradientNoiseScale()], ids=["plan", "sizing"])
+@pytest.mark.parametrize(
+    "policy", [InfoBatch(num_epochs=10), GradientNoiseScale()], ids=["plan", "sizing"]
+)
 @pytest.mark.parametrize(
     "model",
     [
@@ -326,7 +387,9 @@ def test_a_model_whose_output_is_not_its_head_s_is_refused_naming_head(model, po
 def test_nan_losses_warn_once_and_eval_mode_says_so():
     data = blobs(32)
     data.tensors[0][5] = float("nan")
-    sampler = AdaptiveBatchSampler(data, policy=InfoBatch(), batch_size=16, min_batch_size=8)
+    sampler = AdaptiveBatchSampler(
+        data, policy=InfoBatch(num_epochs=10), batch_size=16, min_batch_size=8
+    )
     net = mlp()
     batches = StepFeedback(
         DataLoader(IndexedDataset(data), batch_sampler=sampler), net, sampler=sampler

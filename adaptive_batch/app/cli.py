@@ -8,8 +8,8 @@ import sys
 from adaptive_batch import __version__
 
 from .paths import user_cache_dir
-from .recipes import DEFAULT_POLICY, POLICY_NAMES, rs2_fraction
-from .runner import fixed_batch_size
+from .recipes import DEFAULT_POLICY, POLICY_NAMES
+from .runner import check_run_name
 
 
 def _fraction(text: str) -> float:
@@ -53,13 +53,21 @@ def _rates(text: str) -> tuple[float, ...]:
     return rates
 
 
+def _list(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("give at least one name")
+    return names
+
+
 def _names(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [
-        n
-        for n in names
-        if n not in POLICY_NAMES and fixed_batch_size(n) is None and rs2_fraction(n) is None
-    ]
+    unknown = []
+    for name in names:
+        try:
+            check_run_name(name)
+        except ValueError:
+            unknown.append(name)
     if not names or unknown:
         raise argparse.ArgumentTypeError(
             f"unknown policies {unknown}; choose from fixed, fixed-<size>, rs2-<fraction>, "
@@ -182,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--data-fraction", type=_fraction, default=1.0, help="fraction of the training split"
     )
-    group = bench.add_argument_group("time-to-accuracy, noisy-cifar (CIFAR-10)")
+    group = bench.add_argument_group("time-to-accuracy, sizing, noisy-cifar (CIFAR-10)")
     group.add_argument(
         "--tta-epochs", type=_positive, default=32, help="epochs per run (default 32)"
     )
@@ -202,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--batch-size", type=_positive, default=128, help="baseline batch (128)")
     group.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (default 0.1)")
     group.add_argument(
+        "--weight-decay", type=float, default=5e-4, help="SGD weight decay (default 5e-4)"
+    )
+    group.add_argument(
+        "--no-augment", action="store_true", help="train without random crop and flip"
+    )
+    group.add_argument(
         "--tta-policies",
         type=_names,
         default=("infobatch", "stale-sb"),
@@ -209,13 +223,35 @@ def build_parser() -> argparse.ArgumentParser:
         "the shortened schedule and RS2 (default infobatch,stale-sb)",
     )
     group.add_argument(
+        "--no-controls",
+        action="store_true",
+        help="time-to-accuracy without the shortened-schedule and RS2 controls (an ablation "
+        "beside policies already run with theirs)",
+    )
+    group.add_argument(
+        "--sizing-arms",
+        type=_list,
+        default=None,
+        help="sizing arms (default: fixed at the baseline batch, 4x smaller and larger, and every "
+        "sizing rule: gns, cabs, cabs-constant, adadamp, padadamp, geodamp, adadamp-cosine, "
+        "geodamp-cosine, arbiter)",
+    )
+    group.add_argument(
+        "--saturation-batch",
+        type=_positive,
+        default=512,
+        help="the sizing table's projected time: a step costs the same up to this batch, "
+        "proportionally more beyond (a model of a GPU, not a measurement; default 512)",
+    )
+    group.add_argument(
         "--noise", type=_rates, default=(0.2, 0.4), help="label-noise rates (default 0.2,0.4)"
     )
     group.add_argument(
         "--noisy-policies",
         type=_names,
-        default=("small-loss", "small-loss-lookahead", "infobatch", "edba", "selective-backprop"),
-        help="policies run on noisy labels against the baseline",
+        default=("small-loss", "small-loss-inbatch", "small-loss-lookahead"),
+        help="policies run on noisy labels beside the fixed baselines (the baseline batch, 4x "
+        "smaller and larger; default: small-loss as a plan, in-batch and look-ahead)",
     )
     group = bench.add_argument_group("scarce-cifar, scarce-digits")
     group.add_argument(

@@ -133,7 +133,11 @@ def run_demo(
             progress.refresh()
             results.append(result)
     print(format_table(results, seed=seed, data_fraction=data_fraction, num_train=len(allowed)))
-    save_plot(results, out / "demo.png")
+    title = (
+        f"fixed batches vs {policy} on scikit-learn's digits ({len(allowed)} training samples), "
+        f"seed {seed}, {epochs} epochs"
+    )
+    save_plot(results, out / "demo.png", title=title)
     (out / "results.json").write_text(json.dumps([summary(r) for r in results], indent=2) + "\n")
     print(
         f"index set check: every index the sampler used lies in the {len(allowed)}-sample training subset"
@@ -202,13 +206,24 @@ def _epochs(result: RunResult, processed: list[int]) -> list[tuple[int, int, int
     return rows
 
 
-def save_plot(results: list[RunResult], path: Path) -> Path:
+def save_plot(results: list[RunResult], path: Path, *, title: str = "") -> Path:
+    """Save :func:`demo_figure` to ``path``."""
+    demo_figure(results, title=title).savefig(path, dpi=90)
+    return path
+
+
+def demo_figure(results: list[RunResult], *, title: str = "") -> Any:
     """Test accuracy, training loss, batch size and samples per epoch against samples processed
-    (each sample the loader provided: what the run paid for), one colour per run; dotted: the
+    (each sample the loader provided: what the run paid for), and test accuracy and seconds per
+    epoch against training seconds (what the run cost in time), one colour per run; dotted: the
     candidates a run drew, where it trained on fewer (matplotlib, no display needed)."""
     figure_module = require("matplotlib.figure", "demo", "the demo's plot")
-    figure = figure_module.Figure(figsize=(11, 7.5), layout="constrained")
-    (accuracy_axes, loss_axes), (size_axes, epoch_axes) = figure.subplots(2, 2)
+    figure = figure_module.Figure(figsize=(15, 7.5), layout="constrained")
+    (accuracy_axes, time_axes, loss_axes), (size_axes, epoch_axes, pace_axes) = figure.subplots(
+        2, 3
+    )
+    if title:
+        figure.suptitle(title)
     for result in results:
         processed = list(itertools.accumulate(result.candidate_sizes))
         (line,) = accuracy_axes.plot(
@@ -220,6 +235,15 @@ def save_plot(results: list[RunResult], path: Path) -> Path:
             label=f"{result.name}: {100 * result.test_accuracy:.1f}%, {result.trained} trained",
         )
         colour = line.get_color()
+        seconds = [t for t, _, _, _ in result.curve]
+        time_axes.plot(
+            seconds, [100 * a for _, _, _, a in result.curve], color=colour, marker="o",
+            markersize=2.5, linewidth=1.2, label=f"{result.name}: {result.train_seconds:.2f} s",
+        )  # fmt: skip
+        pace_axes.plot(
+            seconds, [b - a for a, b in zip([0.0, *seconds], seconds, strict=False)],
+            color=colour, marker="o", markersize=2.5, linewidth=1.2, label=result.name,
+        )  # fmt: skip
         window = max(1, len(result.losses) // 40)
         loss_axes.plot(
             processed, _moving_average(result.losses, window), color=colour, linewidth=1.2,
@@ -242,11 +266,15 @@ def save_plot(results: list[RunResult], path: Path) -> Path:
     loss_axes.set(ylabel="training loss (moving average)", yscale="log", title="training loss")
     size_axes.set(ylabel="samples per step (epoch mean)", title="batch size")
     epoch_axes.set(ylabel="samples per epoch", title="samples per epoch")
-    size_axes.set_ylim(bottom=0)
-    epoch_axes.set_ylim(bottom=0)
+    time_axes.set(ylabel="test accuracy (%)", title="test accuracy against training time")
+    pace_axes.set(ylabel="training seconds per epoch", title="time per epoch")
+    for axes in (size_axes, epoch_axes, pace_axes):
+        axes.set_ylim(bottom=0)
     for axes in (accuracy_axes, loss_axes, size_axes, epoch_axes):
         axes.set_xlabel("samples processed")
+    for axes in (time_axes, pace_axes):
+        axes.set_xlabel("training seconds (evaluation excluded)")
+    for axes in (accuracy_axes, time_axes, loss_axes, size_axes, epoch_axes, pace_axes):
         axes.grid(alpha=0.3)
         axes.legend(fontsize=8)
-    figure.savefig(path, dpi=90)
-    return path
+    return figure

@@ -10,9 +10,8 @@ probe, its bookkeeping, its data loading) and excludes evaluation.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,15 @@ from adaptive_batch import (
     TrajectoryLogger,
 )
 
-from .recipes import POLICY_NAMES, Recipe, recipe, rs2_fraction
+from .clock import Clock
+from .recipes import (
+    POLICY_NAMES,
+    Recipe,
+    forget_rate,
+    infobatch_setting,
+    recipe,
+    rs2_fraction,
+)
 
 __all__ = ["RunResult", "RunSpec", "check_run_name", "fixed_batch_size", "train"]
 
@@ -53,9 +60,12 @@ def fixed_batch_size(name: str) -> int | None:
 
 
 def check_run_name(name: str) -> None:
-    if name not in POLICY_NAMES and fixed_batch_size(name) is None and rs2_fraction(name) is None:
+    named = name in POLICY_NAMES or forget_rate(name) is not None
+    named = named or infobatch_setting(name) is not None
+    if not named and fixed_batch_size(name) is None and rs2_fraction(name) is None:
         raise ValueError(
-            f"unknown run {name!r}: fixed, fixed-<size>, rs2-<fraction> or one of "
+            f"unknown run {name!r}: fixed, fixed-<size>, rs2-<fraction>, "
+            f"small-loss-inbatch-<rate>, infobatch-r<ratio>, infobatch-d<delta> or one of "
             f"{', '.join(POLICY_NAMES)}"
         )
 
@@ -78,6 +88,10 @@ class RunSpec:
             stepped once per epoch, so pruned epochs of different lengths follow the same curve).
         batch_size: the batch size of ``"fixed"`` and of the recipes that keep the baseline's
             (epoch plans, constant-size selection); ``"fixed-<size>"`` overrides it.
+        stage: feed the recipe's policy from this stage instead of its usual one (``recipe``'s
+            ``stage``).
+        batch_caps: ``(min, max)`` batch sizes of a sizing recipe, which then starts at
+            ``batch_size`` (default: the recipe's own start and caps).
     """
 
     name: str
@@ -93,6 +107,8 @@ class RunSpec:
     )
     schedule: str = "constant"
     batch_size: int = FIXED_BATCH_SIZE
+    stage: str | None = None
+    batch_caps: tuple[int, int] | None = None
 
 
 @dataclass
@@ -114,6 +130,7 @@ class RunResult:
     curve: list[tuple[float, int, int, float]] = field(default_factory=list)
     cpu_seconds: float = 0.0  # the process's CPU time while training (all threads)
     cpu_curve: list[float] = field(default_factory=list)  # CPU seconds at each evaluation
+    noisy_curve: list[int] = field(default_factory=list)  # trained_noisy at each evaluation
 
     @property
     def mean_batch_size(self) -> float:
@@ -130,40 +147,6 @@ class RunResult:
             if acc >= accuracy:
                 return seconds, candidates, trained
         return None
-
-
-class _Clock:
-    """Training time, excluding evaluation: wall seconds (synchronising CUDA before reading) and
-    the process's CPU seconds over all its threads (unaffected by other work on the machine)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.total = 0.0
-        self.cpu_total = 0.0
-        self._start: float | None = None
-        self._cpu_start = 0.0
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def start(self) -> None:
-        self._sync()
-        self._start = time.perf_counter()
-        self._cpu_start = time.process_time()
-
-    def stop(self) -> float:
-        self._sync()
-        assert self._start is not None
-        self.total += time.perf_counter() - self._start
-        self.cpu_total += time.process_time() - self._cpu_start
-        self._start = None
-        return self.total
-
-    def elapsed(self) -> float:
-        """Training time so far, without synchronising."""
-        running = 0.0 if self._start is None else time.perf_counter() - self._start
-        return self.total + running
 
 
 @dataclass
@@ -197,7 +180,12 @@ def _pipeline(
         epochs=spec.epochs,
         epoch_size=allowed.numel(),
         batch_size=spec.batch_size,
+        stage=spec.stage,
+        current_lr=lambda: optimizer.param_groups[0]["lr"],
     )
+    if spec.batch_caps is not None:
+        low, high = spec.batch_caps
+        r = replace(r, batch_size=spec.batch_size, min_batch_size=low, max_batch_size=high)
     sampler = AdaptiveBatchSampler(
         train_data, policy=r.policy, indices=allowed, seed=spec.seed, **r.sampler_kwargs()
     )
@@ -251,6 +239,8 @@ def train(
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     pipeline = _pipeline(spec, train_data, allowed, model, optimizer)
     weighted = pipeline.recipe is not None and pipeline.recipe.weighted
+    # An in-batch rule picks the trained samples on the device: counted without reading them back.
+    in_batch = isinstance(pipeline.stage, StepFeedback) and pipeline.stage.in_batch is not None
     criterion: Callable[[Tensor, Tensor], Tensor] = (
         pipeline.stage.weighted(lambda out, y: F.cross_entropy(out, y, reduction="none"))
         if weighted
@@ -261,11 +251,15 @@ def train(
         Path(trajectory).unlink(missing_ok=True)
         logger = TrajectoryLogger(pipeline.sampler, csv_path=trajectory, optimizer=optimizer)
     result = RunResult(spec.name, spec.seed)
-    clock = _Clock(device)
+    clock = Clock(device)
     next_eval = spec.eval_every or 0
 
     def record_evaluation() -> bool:
         """Evaluate with the clock stopped; whether the target is reached."""
+        if noisy is not None and in_batch:  # what the in-batch rule kept, as the sampler counts
+            pipeline.stage.flush()
+            result.trained_noisy = int(pipeline.sampler.times_kept[noisy].sum())
+        result.noisy_curve.append(result.trained_noisy)
         accuracy = evaluate(model) if evaluate else float("nan")
         result.curve.append((clock.total, result.candidates, result.trained, accuracy))
         result.cpu_curve.append(clock.cpu_total)
@@ -309,6 +303,11 @@ def train(
                 loss = criterion(model(x), y)
                 loss.backward()
                 trained_indices, trained = indices, len(y)
+                if in_batch:
+                    trained_indices, trained = None, pipeline.stage.trained_rows
+                elif weighted and (weights := pipeline.stage.batch_weights()) is not None:
+                    trained_indices = indices[weights.cpu() > 0]  # weight 0: scored, not trained
+                    trained = trained_indices.numel()
                 if isinstance(pipeline.stage, SubsetFilter):
                     candidates = pipeline.stage.last_feedback.batch_size  # type: ignore[union-attr]
                 else:
@@ -317,7 +316,7 @@ def train(
             result.steps += 1
             result.trained += trained
             result.candidates += candidates
-            if noisy is not None:
+            if noisy is not None and trained_indices is not None:
                 result.trained_noisy += int(noisy[trained_indices].sum())
             step_losses.append(loss.detach())  # read back once at the end: no sync per step
             result.batch_sizes.append(trained)

@@ -23,21 +23,25 @@ from .messages import (
 )
 from .rules import (
     EpochPlanRule,
+    InBatchRule,
     KeepAll,
     LayerSelectionRule,
     Policy,
     SelectionRule,
     SizingRule,
     check_feedback_source,
+    check_policy_for_stage,
     check_whole_batch_policy,
     feedback_source_of,
+    in_batch_rule_of,
     layer_rule_of,
     plan_rule_of,
     probe_scope_of,
     selection_rule_of,
     sizing_rule_of,
 )
-from .stateful import Stateful, Stateless, require_keys
+from .stage import Stage
+from .stateful import Stateful, Stateless, check_state_keys, require_keys
 
 __all__ = [
     "ChunkPlanner",
@@ -46,6 +50,7 @@ __all__ = [
     "Feedback",
     "FeedbackSink",
     "GradientNoise",
+    "InBatchRule",
     "KeepAll",
     "LayerSelection",
     "LayerSelectionRule",
@@ -57,13 +62,17 @@ __all__ = [
     "Selection",
     "SelectionRule",
     "SizingRule",
+    "Stage",
     "Stateful",
     "Stateless",
     "check_feedback_sink",
     "check_feedback_source",
     "check_fetched_ahead",
+    "check_policy_for_stage",
+    "check_state_keys",
     "check_whole_batch_policy",
     "feedback_source_of",
+    "in_batch_rule_of",
     "layer_rule_of",
     "load_trainer_state",
     "plan_rule_of",

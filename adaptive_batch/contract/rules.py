@@ -8,7 +8,9 @@ to its caps; the unclamped answer stays visible as ``sampler.requested_batch_siz
 *per-layer rule* (DBA) chooses a subset per layer, which filtering cannot express;
 :class:`~adaptive_batch.PerLayerBackward` applies it. An *epoch-plan rule* decides at each
 epoch's start which indices the epoch draws, from the per-index scores the sampler keeps
-(:class:`~adaptive_batch.contract.ScoreTable`). Rules are plain objects over tensors and numbers:
+(:class:`~adaptive_batch.contract.ScoreTable`). An *in-batch rule* picks, inside each batch, the
+samples the step trains on from the training forward's own per-sample losses, on their device;
+:class:`~adaptive_batch.StepFeedback`'s weighted loss applies it. Rules are plain objects over tensors and numbers:
 they import neither the model nor ``torch.utils.data``, and each keeps its state in
 ``state_dict()``.
 
@@ -41,6 +43,7 @@ from .stateful import Stateful, Stateless
 
 __all__ = [
     "EpochPlanRule",
+    "InBatchRule",
     "KeepAll",
     "LayerSelectionRule",
     "Policy",
@@ -48,8 +51,10 @@ __all__ = [
     "SizingRule",
     "Stateless",
     "check_feedback_source",
+    "check_policy_for_stage",
     "check_whole_batch_policy",
     "feedback_source_of",
+    "in_batch_rule_of",
     "layer_rule_of",
     "plan_rule_of",
     "probe_scope_of",
@@ -76,9 +81,20 @@ class LayerSelectionRule(Stateful, Protocol):
 @runtime_checkable
 class EpochPlanRule(Stateful, Protocol):
     """Decides an epoch's draw from the scores, with a generator seeded by the sampler's seed and
-    the epoch (the same on every rank, and again on resume)."""
+    the epoch (the same on every rank, and again on resume). A plan may also have
+    ``check_epoch(epoch)``, called when an epoch starts handing out batches once feedback has
+    come (to say, say, that the run went past the length its schedule was built for)."""
 
     def plan(self, epoch: int, scores: ScoreTable, generator: torch.Generator) -> EpochPlan: ...
+
+
+@runtime_checkable
+class InBatchRule(Stateful, Protocol):
+    """Picks the samples a step trains on from that step's per-sample losses (detached, on the
+    model's device), in epoch ``epoch``: a ``bool`` mask on their device and how many it keeps
+    (a host number, decided without reading the losses back)."""
+
+    def keep_mask(self, losses: Tensor, epoch: int) -> tuple[Tensor, int]: ...
 
 
 class KeepAll(Stateless):
@@ -95,13 +111,15 @@ class Policy:
     Pass the same policy to the sampler (which uses ``sizing`` and ``plan``) and to the filter
     (which uses ``selection``); each saves the state of the part it uses. ``per_layer`` holds a
     per-layer rule (DBA's), applied by :class:`~adaptive_batch.PerLayerBackward` instead of a
-    filter; ``plan`` an epoch-plan rule (InfoBatch's).
+    filter; ``plan`` an epoch-plan rule (InfoBatch's); ``in_batch`` an in-batch rule, applied by
+    :class:`~adaptive_batch.StepFeedback`'s weighted loss.
     """
 
     selection: SelectionRule | None = None
     sizing: SizingRule | None = None
     per_layer: LayerSelectionRule | None = None
     plan: EpochPlanRule | None = None
+    in_batch: InBatchRule | None = None
 
     def __post_init__(self) -> None:
         checks = (
@@ -109,6 +127,7 @@ class Policy:
             ("sizing", SizingRule, "next_batch_size"),
             ("per_layer", LayerSelectionRule, "select_layers"),
             ("plan", EpochPlanRule, "plan"),
+            ("in_batch", InBatchRule, "keep_mask"),
         )
         for attribute, protocol, method in checks:
             rule = getattr(self, attribute)
@@ -124,6 +143,7 @@ _PROTOCOLS = {
     "sizing": SizingRule,
     "per_layer": LayerSelectionRule,
     "plan": EpochPlanRule,
+    "in_batch": InBatchRule,
 }
 
 
@@ -159,6 +179,11 @@ def layer_rule_of(policy: Any) -> LayerSelectionRule | None:
 def plan_rule_of(policy: Any) -> EpochPlanRule | None:
     """The epoch-plan rule of ``policy`` (a Policy or a bare rule), or ``None``."""
     return _rule_of(policy, "plan")
+
+
+def in_batch_rule_of(policy: Any) -> InBatchRule | None:
+    """The in-batch rule of ``policy`` (a Policy or a bare rule), or ``None``."""
+    return _rule_of(policy, "in_batch")
 
 
 def probe_scope_of(policy: Any) -> str:
@@ -208,4 +233,31 @@ def check_feedback_source(rule: Any, stage: str) -> None:
                 if stage == "training_step"
                 else ""
             )
+        )
+
+
+def check_policy_for_stage(policy: Any, stage: str) -> None:
+    """Refuse a policy with a rule the stage (a key of :data:`STAGE_NAMES`) cannot run -- one it
+    would otherwise ignore in silence -- naming the stage that runs it."""
+    if stage != "per_layer":
+        check_whole_batch_policy(policy, STAGE_NAMES[stage])
+    check_feedback_source(sizing_rule_of(policy), stage)
+    in_batch = in_batch_rule_of(policy)
+    if in_batch is not None and stage != "training_step":
+        raise AdaptiveBatchError(
+            f"{type(in_batch).__name__} picks samples inside each batch from the training "
+            f"forward's own losses, which only StepFeedback's weighted loss can apply; this is "
+            f"{STAGE_NAMES[stage]}. Use StepFeedback(loader, model, sampler=sampler) and "
+            "loss_fn = batches.weighted(<per-sample loss>), or a look-ahead rule here "
+            "(SmallLoss(stage='look_ahead'))"
+        )
+    selection = selection_rule_of(policy)
+    if selection is not None and stage == "training_step":
+        raise AdaptiveBatchError(
+            f"{type(selection).__name__} chooses a subset of each candidate batch before the "
+            "step (a look-ahead selection rule), but StepFeedback trains on every sample it "
+            "yields, so the rule would be ignored. Use SubsetFilter(loader, model, "
+            "sampler=sampler) for it, or a rule that runs on the training step: an epoch plan "
+            "(SmallLoss(), InfoBatch(), StaleSelectiveBackprop()) or an in-batch rule "
+            "(SmallLoss(stage='in_batch', fraction=...))"
         )

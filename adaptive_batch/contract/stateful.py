@@ -7,7 +7,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from ..errors import AdaptiveBatchError
 
-__all__ = ["Stateful", "Stateless", "require_keys"]
+__all__ = ["Stateful", "Stateless", "check_state_keys", "require_keys"]
 
 
 @runtime_checkable
@@ -41,4 +41,17 @@ def require_keys(owner: object, state: Mapping[str, Any], keys: Iterable[str]) -
         raise AdaptiveBatchError(
             f"this state_dict was not saved by a {type(owner).__name__}: it lacks "
             f"{', '.join(map(repr, missing))} (it has {sorted(state)})"
+        )
+
+
+def check_state_keys(owner: Stateful, state: Mapping[str, Any]) -> None:
+    """Refuse a state dict whose keys are not exactly those ``owner.state_dict()`` writes: the
+    state of another rule (even one whose keys are a superset, AdaDamp's for a PadaDamp) fails
+    here, naming both, instead of loading in part or with a bare ``KeyError``."""
+    expected = set(owner.state_dict())
+    if set(state) != expected:
+        raise AdaptiveBatchError(
+            f"this state_dict was not saved by a {type(owner).__name__}: it has keys "
+            f"{sorted(state)}, a {type(owner).__name__} saves {sorted(expected)}. Load each "
+            "rule's state into a rule of the same kind (build the policy as it was saved)"
         )

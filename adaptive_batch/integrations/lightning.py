@@ -32,6 +32,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..contract import Stage, plan_rule_of
 from ..errors import AdaptiveBatchError
 from ..optional import require
 
@@ -41,17 +42,13 @@ _callbacks = require("lightning.pytorch.callbacks", "lightning", "the Lightning 
 
 
 def find_stages(iterables: Any) -> list[Any]:
-    """The adaptive stages (anything with ``begin_batch`` and ``end_batch``) among a train
-    dataloader as Lightning holds it: one iterable, or a list, tuple or dict of them."""
+    """The adaptive stages (:class:`~adaptive_batch.contract.Stage`) among a train dataloader as
+    Lightning holds it: one iterable, or a list, tuple or dict of them."""
     if isinstance(iterables, Mapping):
         return [s for value in iterables.values() for s in find_stages(value)]
     if isinstance(iterables, (list, tuple)):
         return [s for value in iterables for s in find_stages(value)]
-    if callable(getattr(iterables, "begin_batch", None)) and callable(
-        getattr(iterables, "end_batch", None)
-    ):
-        return [iterables]
-    return []
+    return [iterables] if isinstance(iterables, Stage) else []
 
 
 class AdaptiveBatchCallback(_callbacks.Callback):
@@ -59,7 +56,9 @@ class AdaptiveBatchCallback(_callbacks.Callback):
 
     Before ``training_step`` it calls each stage's ``begin_batch()`` (a look-ahead filter reports
     the batch's feedback; :class:`~adaptive_batch.StepFeedback` starts matching the head's forward
-    to it), after the optimizer step ``end_batch()`` (StepFeedback reports). Raises
+    to it), after the optimizer step ``end_batch()`` (StepFeedback reports). An epoch plan built
+    without the run's length (``InfoBatch()``, ``StaleSelectiveBackprop()``) gets the trainer's
+    ``max_epochs`` as its ``num_epochs``, so it anneals where the run ends. Raises
     :class:`~adaptive_batch.AdaptiveBatchError` at the start of training when the train dataloader
     holds no stage, or one not built with ``fetched_ahead=True``.
     """
@@ -82,6 +81,10 @@ class AdaptiveBatchCallback(_callbacks.Callback):
                     "fetched_ahead=True: Lightning fetches a batch ahead of the step that trains "
                     "it, so build it with fetched_ahead=True"
                 )
+            plan = plan_rule_of(stage.sampler.policy)
+            max_epochs = getattr(trainer, "max_epochs", None) or -1  # -1: no limit
+            if plan is not None and getattr(plan, "num_epochs", 0) is None and max_epochs > 0:
+                plan.num_epochs = max_epochs  # where the run's length is known
 
     def on_train_batch_start(
         self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int

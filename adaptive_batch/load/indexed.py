@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import BatchSampler, Dataset, default_collate
 
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
 
@@ -109,6 +109,12 @@ def check_not_resharded(batches: Any, sampler: Any) -> None:
         if outer is None or outer is sampler:
             return
         inner = getattr(outer, "batch_sampler", None) or getattr(outer, "sampler", None)
+        if inner is sampler and type(outer) is BatchSampler:
+            raise AdaptiveBatchError(
+                "the AdaptiveBatchSampler was given to the DataLoader as sampler=, so torch "
+                "batches its batches again: pass it as batch_sampler= instead, "
+                "DataLoader(IndexedDataset(dataset), batch_sampler=sampler)"
+            )
         if inner is sampler:
             raise AdaptiveBatchError(
                 f"the loader's batch sampler is a {type(outer).__name__} around the "

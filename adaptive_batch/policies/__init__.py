@@ -7,12 +7,14 @@ Every name here is a plain object over tensors and numbers: rules import neither
 from .arbiter import Arbiter
 from .base import (
     EpochPlanRule,
+    InBatchRule,
     KeepAll,
     LayerSelectionRule,
     Policy,
     SelectionRule,
     SizingRule,
     Stateless,
+    in_batch_rule_of,
     layer_rule_of,
     plan_rule_of,
     probe_scope_of,
@@ -25,6 +27,7 @@ from .damp import AdaDamp, GeoDamp, PadaDamp
 from .dba import DBA, DBASelection, DBASizing
 from .edba import EDBA, EDBASelection, EDBASizing
 from .gns import GradientNoiseScale
+from .in_batch import InBatchSmallLoss
 from .infobatch import InfoBatch
 from .random_subset import RandomSubset
 from .selective_backprop import SelectiveBackprop, StaleSelectiveBackprop
@@ -44,6 +47,8 @@ __all__ = [
     "EpochPlanRule",
     "GeoDamp",
     "GradientNoiseScale",
+    "InBatchRule",
+    "InBatchSmallLoss",
     "InfoBatch",
     "KeepAll",
     "LayerSelectionRule",
@@ -58,6 +63,7 @@ __all__ = [
     "SmallLossSelection",
     "StaleSelectiveBackprop",
     "Stateless",
+    "in_batch_rule_of",
     "layer_rule_of",
     "plan_rule_of",
     "probe_scope_of",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..contract import Feedback, Progress
+from ..contract import Feedback, Progress, check_state_keys
 from ..errors import AdaptiveBatchError, renamed_arguments
 from .learning_rate import LearningRate
 
@@ -222,6 +222,7 @@ class Arbiter:
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         state = copy.deepcopy(state)
         self.agent.load_state_dict(state["agent"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])

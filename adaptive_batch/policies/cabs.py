@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from ..contract import Feedback, Progress
+from ..contract import Feedback, Progress, check_state_keys
 from ..errors import AdaptiveBatchError, renamed_arguments
 from .learning_rate import LearningRate
 
@@ -81,5 +81,6 @@ class CABS:
         return {"loss_avg": self.loss_avg, "variance_avg": self.variance_avg}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.loss_avg = state["loss_avg"]
         self.variance_avg = state["variance_avg"]

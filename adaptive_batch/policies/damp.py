@@ -16,7 +16,7 @@ import math
 from collections import deque
 from typing import Any
 
-from ..contract import Feedback, Progress
+from ..contract import Feedback, Progress, check_state_keys
 from ..errors import AdaptiveBatchError
 
 __all__ = ["AdaDamp", "GeoDamp", "PadaDamp"]
@@ -49,6 +49,7 @@ class _Dwell:
         return {"initial_batch_size": self.initial_batch_size, "current": self.current}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.initial_batch_size = state["initial_batch_size"]
         self.current = state["current"]
 
@@ -171,4 +172,5 @@ class GeoDamp:
         return {"initial_batch_size": self.initial_batch_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.initial_batch_size = state["initial_batch_size"]

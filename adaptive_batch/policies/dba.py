@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..contract import Feedback, LayerSelection, Policy, Progress, Reason
+from ..contract import Feedback, LayerSelection, Policy, Progress, Reason, check_state_keys
 from ..errors import AdaptiveBatchError, renamed_arguments
 from .margin import margin_loss
 
@@ -162,6 +162,7 @@ class DBASelection:
         return {"loss_ema": self.loss_ema, "grad_emas": dict(self.grad_emas)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.loss_ema = state["loss_ema"]
         self.grad_emas = dict(state["grad_emas"])
 
@@ -205,6 +206,7 @@ class DBASizing:
         return {"kept_avg": self.kept_avg}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.kept_avg = state["kept_avg"]
 
 

@@ -21,7 +21,16 @@ from typing import Any
 
 import torch
 
-from ..contract import Feedback, Policy, ProbeResult, Progress, Reason, Selection, Stateless
+from ..contract import (
+    Feedback,
+    Policy,
+    ProbeResult,
+    Progress,
+    Reason,
+    Selection,
+    Stateless,
+    check_state_keys,
+)
 from ..errors import AdaptiveBatchError
 from .margin import margin_loss
 from .subsets import random_subset_masks
@@ -165,6 +174,7 @@ class EDBASelection:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self._generator.set_state(state["generator"])
         self.loss_ema = state["loss_ema"]
         self.grad_ema = state["grad_ema"]

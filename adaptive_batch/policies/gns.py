@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..contract import Feedback, GradientNoise, Progress
+from ..contract import Feedback, GradientNoise, Progress, check_state_keys
 from ..errors import AdaptiveBatchError, renamed_arguments
 
 __all__ = ["GradientNoiseScale", "goodput"]
@@ -127,6 +127,7 @@ class GradientNoiseScale:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.var_avg = state["var_avg"]
         self.sqr_avg = state["sqr_avg"]
         self.count = state["count"]

@@ -16,9 +16,10 @@ from ..contract import (
     ScoreTable,
     Selection,
     Stateless,
-    require_keys,
+    check_state_keys,
 )
 from ..errors import AdaptiveBatchError, renamed_arguments
+from .run_length import RunLength
 
 __all__ = ["SelectiveBackprop", "StaleSelectiveBackprop", "percentile_weights"]
 
@@ -107,7 +108,7 @@ class SelectiveBackprop:
         return {"generator": self._generator.get_state(), "candidates_seen": self.candidates_seen}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        require_keys(self, state, ("generator",))
+        check_state_keys(self, state)
         self._generator.set_state(state["generator"])
         self.candidates_seen = state.get("candidates_seen", state.get("samples_seen", 0))
 
@@ -118,7 +119,7 @@ def _mean_or_nan(losses: torch.Tensor, kept: torch.Tensor) -> float:
     return float(losses[mask].mean()) if bool(mask.any()) else math.nan
 
 
-class StaleSelectiveBackprop(Stateless):
+class StaleSelectiveBackprop(RunLength, Stateless):
     """Stale Selective-Backprop as an epoch plan: each epoch draws each sample with probability
     ``q ** (1 / keep - 1)``, ``q`` the percentile of its latest loss (from the last time it was
     trained: no extra forward), so about ``keep`` of the data, the high-loss samples most often.
@@ -132,13 +133,14 @@ class StaleSelectiveBackprop(Stateless):
         keep: the fraction of the data each epoch draws (0.5, Composer's default).
         start_epoch: the first epoch that selects.
         end: the fraction of ``num_epochs`` after which every epoch draws everything.
-        num_epochs: the run's length (``None``: select until the end).
+        num_epochs: the run's length (``None``: select until the end, and say so once; an
+            epoch past it is said once too).
 
     Example:
         >>> import torch
         >>> from adaptive_batch.contract import ScoreTable
         >>> losses = torch.arange(1000.0)
-        >>> plan = StaleSelectiveBackprop(keep=0.5).plan(1, ScoreTable.of_losses(losses), torch.Generator().manual_seed(0))
+        >>> plan = StaleSelectiveBackprop(keep=0.5, num_epochs=10).plan(1, ScoreTable.of_losses(losses), torch.Generator().manual_seed(0))
         >>> round(plan.drawn.float().mean().item(), 1), bool(plan.drawn[900:].float().mean() > 0.8)
         (0.5, True)
     """
@@ -160,7 +162,9 @@ class StaleSelectiveBackprop(Stateless):
         self.keep = keep
         self.start_epoch = start_epoch
         self.end = end
-        self.num_epochs = num_epochs
+        self._set_num_epochs(num_epochs)
+
+    anneals = property(lambda self: self.end < 1, doc="Whether the last epochs train on all.")
 
     def selects(self, epoch: int) -> bool:
         past_end = self.num_epochs is not None and epoch >= self.end * self.num_epochs

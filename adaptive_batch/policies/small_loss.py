@@ -9,8 +9,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..contract import EpochPlan, Policy, ProbeResult, Reason, ScoreTable, Selection, Stateless
+from ..contract import (
+    EpochPlan,
+    Policy,
+    ProbeResult,
+    Reason,
+    ScoreTable,
+    Selection,
+    Stateless,
+    check_state_keys,
+)
 from ..errors import AdaptiveBatchError
+from .in_batch import InBatchSmallLoss
 from .mixture import fit_loss_mixture
 
 __all__ = ["SmallLoss", "SmallLossPlan", "SmallLossSelection"]
@@ -71,20 +81,32 @@ class SmallLossPlan(Stateless):
         warmup_epochs: epochs trained on everything first (the losses must separate: networks fit
             clean samples before mislabelled ones). Default 5.
         max_fraction: never drop more than this fraction of the scored samples (0.6).
+        rescore: the share of the dropped samples drawn again each epoch at weight 0 (0.2): their
+            forward refreshes their loss, so one the network has since learned to fit (a clean
+            hard sample) comes back, and the training set never freezes on stale losses. With
+            ``batches.weighted(...)`` they are only scored; a plain loss trains on them too.
 
     Samples without a loss yet are always drawn. Under label noise this keeps most mislabelled
     samples out of training; on clean data it drops the hardest samples, which costs accuracy.
     """
 
     def __init__(
-        self, *, fraction: float | None = None, warmup_epochs: int = 5, max_fraction: float = 0.6
+        self,
+        *,
+        fraction: float | None = None,
+        warmup_epochs: int = 5,
+        max_fraction: float = 0.6,
+        rescore: float = 0.2,
     ) -> None:
         _check(fraction, max_fraction)
         if warmup_epochs < 0:
             raise AdaptiveBatchError(f"warmup_epochs must be non-negative; got {warmup_epochs}")
+        if not 0.0 <= rescore <= 1.0:
+            raise AdaptiveBatchError(f"rescore must lie in [0, 1]; got {rescore}")
         self.fraction = fraction
         self.warmup_epochs = warmup_epochs
         self.max_fraction = max_fraction
+        self.rescore = rescore
 
     def plan(self, epoch: int, scores: ScoreTable, generator: torch.Generator) -> EpochPlan:
         size = scores.losses.numel()
@@ -93,9 +115,18 @@ class SmallLossPlan(Stateless):
             return EpochPlan.everything(size, dropped=0.0)
         losses = scores.losses[scored]
         drops, stats = high_loss_drops(losses, losses, self.fraction, self.max_fraction)
+        dropped = scored[drops]
         drawn = torch.ones(size, dtype=torch.bool)
-        drawn[scored[drops]] = False
-        return EpochPlan(drawn, None, {"dropped": float(drops.sum()), **stats})
+        drawn[dropped] = False
+        weights = None
+        count = round(self.rescore * dropped.numel())
+        if count:  # a seeded random share of the dropped, scored again at weight 0
+            again = dropped[torch.randperm(dropped.numel(), generator=generator)[:count]]
+            drawn[again] = True
+            weights = torch.ones(size)
+            weights[again] = 0.0
+        stats = {"dropped": float(dropped.numel() - count), "rescored": float(count), **stats}
+        return EpochPlan(drawn, weights, stats)
 
 
 class SmallLossSelection:
@@ -148,19 +179,25 @@ class SmallLossSelection:
         return {"candidates_seen": self.candidates_seen, "recent": list(self.recent)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state_keys(self, state)
         self.candidates_seen = state["candidates_seen"]
         self.recent = deque(state["recent"], maxlen=self.memory)
 
 
 class SmallLoss(Policy):
     """Small-loss selection as an epoch plan (``stage="plan"``, default: at no extra forward,
-    from the losses the training step reports) or as a look-ahead selection rule in a
+    from the losses the training step reports), inside each batch from the training forward's
+    own losses (``stage="in_batch"``, Co-teaching's form: :class:`InBatchSmallLoss`, applied by
+    ``StepFeedback.weighted``) or as a look-ahead selection rule in a
     :class:`~adaptive_batch.SubsetFilter` (``stage="look_ahead"``).
 
     Args:
-        stage: ``"plan"`` or ``"look_ahead"``.
-        fraction, max_fraction: as in :class:`SmallLossPlan` and :class:`SmallLossSelection`.
-        warmup_epochs: epochs trained on everything first (5).
+        stage: ``"plan"``, ``"in_batch"`` or ``"look_ahead"``.
+        fraction, max_fraction: as in :class:`SmallLossPlan` and :class:`SmallLossSelection`;
+            in-batch, ``fraction`` is the forget rate (required there: the expected noise rate).
+        warmup_epochs: epochs trained on everything first (5); in-batch, the epochs over which
+            the forget rate ramps up from 0.
+        rescore: the plan's share of the dropped drawn again at weight 0 (:class:`SmallLossPlan`).
         epoch_size: candidates per epoch; the look-ahead rule counts its warm-up in candidates,
             ``warmup_epochs * epoch_size`` (required there when ``warmup_epochs > 0``).
 
@@ -178,11 +215,15 @@ class SmallLoss(Policy):
         warmup_epochs: int = 5,
         max_fraction: float = 0.6,
         epoch_size: int | None = None,
+        rescore: float = 0.2,
     ) -> None:
         if stage == "plan":
             super().__init__(
                 plan=SmallLossPlan(
-                    fraction=fraction, warmup_epochs=warmup_epochs, max_fraction=max_fraction
+                    fraction=fraction,
+                    warmup_epochs=warmup_epochs,
+                    max_fraction=max_fraction,
+                    rescore=rescore,
                 )
             )
         elif stage == "look_ahead":
@@ -197,5 +238,14 @@ class SmallLoss(Policy):
                     fraction=fraction, warmup_candidates=warmup, max_fraction=max_fraction
                 )
             )
+        elif stage == "in_batch":
+            if fraction is None:
+                raise AdaptiveBatchError(
+                    "SmallLoss(stage='in_batch') drops a fixed share of each batch: give "
+                    "fraction= (the expected noise rate, Co-teaching's forget rate)"
+                )
+            super().__init__(in_batch=InBatchSmallLoss(fraction, ramp_epochs=warmup_epochs))
         else:
-            raise AdaptiveBatchError(f"stage must be 'plan' or 'look_ahead'; got {stage!r}")
+            raise AdaptiveBatchError(
+                f"stage must be 'plan', 'in_batch' or 'look_ahead'; got {stage!r}"
+            )

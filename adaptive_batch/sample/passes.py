@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from ..contract import require_keys
 
 if TYPE_CHECKING:
@@ -53,6 +55,7 @@ class SamplerPass(Iterator[list[int]]):
         self.replay = [int(size) for size in replay]  # sizes to hand out again first
         self.started = self.finished = False
         self.reports_at_start = 0
+        self.last_chunk: np.ndarray | None = None  # with a chunk_size: the latest chunk handed out
 
     @property
     def total(self) -> int:
@@ -101,9 +104,13 @@ class SamplerPass(Iterator[list[int]]):
             self.finished = True
             self.sampler.pass_finished(self)
 
-    def state_dict(self, unsettled: int = 0) -> dict[str, Any]:
+    def state_dict(self, unsettled: int | None = None) -> dict[str, Any]:
         """Epoch and position; ``unsettled``: how many of the last whole batches handed out
-        await feedback, to hand back (see the class)."""
+        await feedback, to hand back (see the class). ``None``: a loader asks (a
+        ``StatefulDataLoader`` snapshots its sampler's iterator), not the sampler."""
+        if unsettled is None:
+            self.sampler.pass_snapshot(self)
+            unsettled = 0
         back = self.sizes[len(self.sizes) - unsettled :] if 0 < unsettled <= len(self.sizes) else []
         state: dict[str, Any] = {
             self.EPOCH_KEY: self.epoch,

@@ -69,6 +69,12 @@ class FeedbackReceiver:
             if reporter is not None:  # (not its truth: a stage's len() may be unknown)
                 reporter.flush()
 
+    def batches_held(self) -> int:
+        """Batches the reporters have taken but not yet reported (StepFeedback's batch in
+        training and those on their way to the host): not lost, they arrive later."""
+        reporters = (ref() for ref in self._flushers)
+        return sum(getattr(r, "num_held", 0) for r in reporters if r is not None)
+
     def add_listener(self, listener: Listener) -> None:
         if not callable(listener):
             raise AdaptiveBatchTypeError(f"a listener must be callable; got {type(listener)}")

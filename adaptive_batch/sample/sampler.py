@@ -57,8 +57,9 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
             its multiples, or a list of sizes), bounding the shapes ``torch.compile`` sees.
         num_replicas, rank: as for ``DistributedSampler``; default from the process group.
 
-    Every epoch yields each index of the index set exactly once (at most once with
-    ``drop_last``; under DDP each rank a disjoint, equal share). Every batch is within the caps,
+    Every epoch yields each index of the index set at most once: exactly once without an epoch
+    plan and ``drop_last``; an epoch plan (InfoBatch, small-loss, RS2, ...) draws only part of it
+    (under DDP each rank a disjoint, equal share). Every batch is within the caps,
     the last of an epoch too unless the caps leave no choice. Each ``iter()`` is a pass of its
     own: it resumes a loaded state, starts the next epoch after a finished one, and otherwise (a
     pass abandoned midway) starts the current epoch over. :meth:`set_epoch` chooses the epoch, as
@@ -223,7 +224,11 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         return self.sizer.count_batches(length)
 
     def _unsettled(self, run: SamplerPass) -> int:
-        """Batches ``run`` handed out that await feedback (feedback comes in order)."""
+        """Batches ``run`` handed out that await feedback (feedback comes in order). With a
+        ``chunk_size`` the feedback is of batches assembled from the chunks, so none is counted
+        against the chunks: whether the last chunk handed out awaits feedback tells (1 or 0)."""
+        if self.chunk_size is not None:
+            return int(run.last_chunk is not None and self.ledger.awaiting(run.last_chunk))
         return max(run.batches - (self.num_feedback - run.reports_at_start), 0)
 
     def pass_started(self, run: SamplerPass) -> None:
@@ -246,12 +251,31 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
                 "after every batch",
             )
         run.reports_at_start = self.num_feedback
+        check_epoch = getattr(self.planning, "check_epoch", None)
+        # A plan that anneals, once scored; a resumed pass was checked when it first started.
+        if check_epoch is not None and self.num_feedback and run.resumes is None:
+            check_epoch(run.epoch)
         if self.sync is not None and (self.expects_feedback or not self._agreed):
             config = None if self._agreed else sampler_config(self)
             plan = self.order.digest(run.epoch) if self.planning is not None else ""
             reporting = self.receiver.num_reporters > 0
             self.sync.start(config, run.epoch, run.position, reporting, plan)
             self._agreed = True
+
+    def pass_snapshot(self, run: SamplerPass) -> None:
+        """Called when a loader saves the pass's state itself (a ``StatefulDataLoader``): whole
+        batches whose sizes were decided before the feedback of batches the loader fetched
+        ahead cannot resume exactly, and nothing else would say so."""
+        if self.chunk_size is not None or not self.is_adaptive:
+            return
+        if self._unsettled(run) > self.receiver.batches_held():
+            self._warn_once(
+                "snapshot",
+                "a loader saved this sampler's position while it held batches fetched ahead "
+                "(StatefulDataLoader workers, a Prefetcher): their sizes were decided before the "
+                "feedback in between, so a resume will not repeat them exactly. Build the sampler "
+                "with chunk_size= (sizes decided where batches are consumed) for an exact resume.",
+            )
 
     def pass_loaded(self, run: SamplerPass) -> None:
         """Called by a pass whose state a ``StatefulDataLoader`` loaded: it is the active one."""
@@ -322,6 +346,7 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         self.ledger.handed_out(indices)
         if pass_total is not None:
             self._chunks.handed_out(indices, pass_total)
+            run.last_chunk = indices
 
     # -- chunk mode: batches assembled where they are consumed -------------------------------
 

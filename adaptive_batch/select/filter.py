@@ -19,9 +19,8 @@ from ..contract import (
     Selection,
     SelectionRule,
     check_feedback_sink,
-    check_feedback_source,
     check_fetched_ahead,
-    check_whole_batch_policy,
+    check_policy_for_stage,
     load_trainer_state,
     probe_scope_of,
     require_keys,
@@ -33,6 +32,7 @@ from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWa
 from ..load import ChunkAssembler, check_not_resharded, get_field, split_indexed, take
 from ..probe import HeadProbe
 from ..sample import SizeBuckets, as_buckets
+from ..train import PlanWeights, YieldedRows
 from .ahead import FetchedAhead
 
 __all__ = ["SubsetFilter"]
@@ -40,13 +40,15 @@ __all__ = ["SubsetFilter"]
 Probe = Callable[[Any, Tensor], ProbeResult]
 
 
-class SubsetFilter:
+class SubsetFilter(PlanWeights):
     """Wraps an iterable of batches (a DataLoader, say) and yields the kept subset of each.
 
     For every batch: probe it, let the policy's selection rule choose, yield the kept samples in
     the structure the batch came in, and -- when a sampler is given -- send it a
     :class:`~adaptive_batch.Feedback` naming the dataset indices kept and dropped. No batch is ever
-    dropped whole: a degenerate one is kept entire, and :attr:`reasons` counts why.
+    dropped whole: a degenerate one is kept entire, and :attr:`reasons` counts why. An epoch plan
+    that weighs samples (InfoBatch) reaches the loss through :meth:`weighted`, as with
+    :class:`~adaptive_batch.StepFeedback`.
 
     Args:
         batches: the source of batches, iterated anew by each ``iter()`` (a loader, or anything
@@ -112,8 +114,7 @@ class SubsetFilter:
             check_feedback_sink(sampler)
         if policy is None and sampler is not None:
             policy = sampler.policy
-        check_whole_batch_policy(policy, "filtering a batch")
-        check_feedback_source(sizing_rule_of(policy), "look_ahead")
+        check_policy_for_stage(policy, "look_ahead")
         if isinstance(probe, nn.Module):
             # A rule that needs every parameter's gradients (exact CABS, say) probes the whole model.
             probe = HeadProbe(probe, head=probe if probe_scope_of(policy) == "model" else None)
@@ -140,6 +141,9 @@ class SubsetFilter:
         self._epoch_reasons: Counter[str] = Counter()
         self._warned_nonfinite = False
         self.fetched_ahead = fetched_ahead
+        self._yielded: YieldedRows | None = None  # the kept rows of the batch being trained
+        self._assembler: ChunkAssembler | None = None
+        self._warned: set[str] = set()
         self._ahead = FetchedAhead()
         if fetched_ahead:
             check_fetched_ahead(sampler)
@@ -163,17 +167,29 @@ class SubsetFilter:
             raise AdaptiveBatchTypeError(
                 "this SubsetFilter has no source of batches; call filter_batch(batch)"
             )
+        source = iter(self.batches)
+        self.start_pass()
+        while (batch := self.next_from(source)) is not None:
+            yield batch
+
+    def start_pass(self) -> None:
+        """Begin a pass over the source (what ``iter()`` does; a node calls it on ``reset()``):
+        forget batches fetched for an earlier pass and never trained, assemble chunks anew."""
         self.start_epoch()
-        self._ahead.held.clear()  # fetched by an earlier iterator and never trained
-        if self.assembles_chunks:
-            assembler = ChunkAssembler(self.sampler)  # type: ignore[arg-type]
-            chunks = iter(self.batches)
-            while (batch := assembler.next_batch(chunks)) is not None:
-                yield self.filter_batch(batch)
+        self._ahead.held.clear()
+        self._assembler = ChunkAssembler(self.sampler) if self.assembles_chunks else None  # type: ignore[arg-type]
+
+    def next_from(self, source: Iterator[Any]) -> Any:
+        """The kept subset of the next batch of ``source`` (``None`` at its end, which ends the
+        epoch): what ``iter()`` does, for a pipeline that drives the stage itself."""
+        if self._assembler is not None:
+            batch = self._assembler.next_batch(source)
         else:
-            for batch in self.batches:
-                yield self.filter_batch(batch)
-        self.end_epoch()
+            batch = next(source, None)
+        if batch is None:
+            self.end_epoch()
+            return None
+        return self.filter_batch(batch)
 
     def __len__(self) -> int:
         """The source's length: filtering never removes a whole batch. Unknown (``TypeError``)
@@ -229,9 +245,17 @@ class SubsetFilter:
         """The trainer finished the step begun last (nothing left to report: a look-ahead
         filter reported when the step began)."""
 
+    def _yielded_rows(self) -> YieldedRows | None:
+        return self._yielded
+
     def _report(self, feedback: Feedback) -> None:
+        """Send the feedback of the batch whose step runs now (its kept rows are what the step
+        trains on, for :meth:`weighted`)."""
         if self.sampler is not None:
             self.sampler.feedback(feedback)
+            if self._yielded is not None:  # the step before has run: did its loss weigh it?
+                self._check_plan_weights_used(self._yielded)
+        self._yielded = YieldedRows(feedback.kept, feedback.num_kept)
         self.last_feedback = feedback
         self.reasons[feedback.reason] += 1
         self._epoch_reasons[feedback.reason] += 1

@@ -48,26 +48,58 @@ class PendingBatch:
     thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
     weights: Tensor | None = None
     weight_offset: int = 0
+    weighed: bool = False  # whether the step's loss went through WeightedLoss
     skipped: str = ""  # why a forward of the head did not count (the warning says it)
     last_output: Tensor | None = None  # the head's output (detached), for the one output check
+    kept_parts: list[Tensor] = field(default_factory=list)  # an in-batch rule's masks, in order
+    kept_rows: int = 0
+
+    def kept_mask(self) -> Tensor | None:
+        """The in-batch rule's mask over the whole batch (``None``: no rule chose, or its
+        choices do not cover the batch)."""
+        if not self.kept_parts:
+            return None
+        mask = self.kept_parts[0] if len(self.kept_parts) == 1 else torch.cat(self.kept_parts)
+        return mask if mask.numel() == self.rows else None
 
 
 STAT_NAMES = ("loss", "grad_sq_norm", "grad_variance")
 
 
 class _Warns(Protocol):
+    def _warn_unweighted(self) -> None:
+        if "unweighted" not in self._warned:
+            self._warned.add("unweighted")
+            warnings.warn(
+                "the policy has an in-batch rule, but this batch's loss did not go through "
+                "batches.weighted(...), so the step trained on every sample and the rule chose "
+                "nothing. Compute the loss with loss_fn = batches.weighted(<per-sample loss, "
+                "reduction='none'>) over the whole batch.",
+                AdaptiveBatchWarning,
+                stacklevel=4,
+            )
+
     def warn_nonfinite(self, bad: int, rows: int) -> None: ...
 
 
 @dataclass
 class InTransit:
-    """A measured batch on its way to the sampler: its losses (after ``stats`` statistics)
-    copying to the host."""
+    """A measured batch on its way to the sampler: its losses (after ``stats`` statistics, and
+    followed by an in-batch rule's kept mask when ``selected``) copying to the host."""
 
     indices: Tensor
     copy: HostCopy | None  # None: unmeasured
     stats: int
     on_accelerator: bool = False
+    selected: bool = False
+
+    @classmethod
+    def of(cls, indices: Tensor, packed: Tensor, stats: int, kept: Tensor | None) -> InTransit:
+        """``packed`` (statistics and losses) and the kept mask, sent to the host in one copy."""
+        if kept is not None:
+            packed = torch.cat([packed, kept.to(packed.dtype)])
+        on_accelerator = packed.device.type != "cpu"
+        return cls(indices, HostCopy(packed), stats, on_accelerator, kept is not None)
 
     def feedback(self, stage: _Warns) -> Feedback:
         empty = self.indices[:0]
@@ -75,6 +107,10 @@ class InTransit:
             return Feedback(self.indices, empty, Reason.UNMEASURED, {"loss": math.nan})
         host = self.copy.result()
         losses = host[self.stats :]
+        if self.selected:
+            rows = self.indices.numel()
+            losses, kept = losses[:rows], losses[rows:] > 0.5
+            return self._selected(stage, losses, kept, host[: self.stats])
         values = losses.numpy()
         finite = np.isfinite(values)
         if not finite.all():
@@ -82,9 +118,29 @@ class InTransit:
         if self.stats:
             stats = dict(zip(STAT_NAMES, host[: self.stats].tolist(), strict=True))
         else:
-            stats = {"loss": float(values.mean()) if values.size else math.nan}
+            stats = {
+                "loss": float(np.add.reduce(values, dtype=np.float64)) / values.size
+                if values.size
+                else math.nan
+            }
         reason = Reason.KEEP_ALL if math.isfinite(stats["loss"]) else Reason.NONFINITE
         return Feedback(self.indices, empty, reason, stats, losses=losses)
+
+    def _selected(self, stage: _Warns, losses: Tensor, kept: Tensor, stats: Tensor) -> Feedback:
+        """The feedback of a batch an in-batch rule chose from: the kept, then the dropped."""
+        finite = losses.isfinite()
+        if not bool(finite.all()):
+            stage.warn_nonfinite(int((~finite).sum()), losses.numel())
+        named = dict(zip(STAT_NAMES, stats.tolist(), strict=False))
+        named.setdefault("loss", float(losses.mean()) if losses.numel() else math.nan)
+        named["kept_fraction"] = float(kept.float().mean())
+        return Feedback(
+            self.indices[kept],
+            self.indices[~kept],
+            Reason.SELECTED,
+            named,
+            losses=torch.cat([losses[kept], losses[~kept]]),
+        )
 
 
 def tensors_in(output: Any) -> list[Tensor]:
@@ -140,9 +196,9 @@ def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
     return loss.losses(outputs, targets)
 
 
-def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -> InTransit:
-    """The batch's per-sample losses and head-gradient moments (closed form, ``O(B (C + D))``),
-    packed into one tensor and copying to the host."""
+def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -> Tensor:
+    """The batch's statistics then per-sample losses, packed into one tensor for one transfer:
+    the head-gradient moments in closed form, ``O(B (C + D))``."""
     features, outputs = torch.cat(pending.features), torch.cat(pending.outputs)
     dtype = torch.promote_types(features.dtype, torch.float32)
     targets = to_device(pending.targets, outputs.device)
@@ -156,10 +212,7 @@ def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -
         else:
             sq_norms, mean_sq = moments
             stats = torch.stack([losses.mean(), mean_sq, (sq_norms.mean() - mean_sq).clamp_min(0)])
-        packed = torch.cat([stats.to(losses.dtype), losses.detach()])  # one transfer
-    return InTransit(
-        pending.indices, HostCopy(packed), len(STAT_NAMES), packed.device.type != "cpu"
-    )
+        return torch.cat([stats.to(losses.dtype), losses.detach()])
 
 
 def check_head_output(output: Any, head_output: Tensor, head: nn.Module | None) -> None:
@@ -195,11 +248,34 @@ def weak_hook(stage: object, name: str) -> Any:
 
 
 class MeasureWarnings:
-    """Mixin of :class:`~adaptive_batch.StepFeedback`: each reason a batch went unmeasured, and
-    non-finite losses, said once."""
+    """Mixin of :class:`~adaptive_batch.StepFeedback`: measuring a batch it yielded, and each
+    reason a batch went unmeasured (or unselected), and non-finite losses, said once."""
 
     head: nn.Module | None
+    loss: HeadLoss
+    in_batch: Any
+    num_unmeasured: int
     _warned: set[str]
+
+    def _measure(self, pending: PendingBatch) -> InTransit:
+        stats = 0
+        if pending.losses is not None:
+            packed = pending.losses
+        elif pending.captured != pending.rows or self.head is None:
+            self.num_unmeasured += 1
+            self._warn_unmeasured(pending)
+            return InTransit(pending.indices, None, 0)
+        elif pending.part_losses:
+            parts = pending.part_losses
+            packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+        else:
+            assert self.head is not None
+            packed, stats = measure_statistics(pending, self.head, self.loss), len(STAT_NAMES)
+        kept = pending.kept_mask()
+        if self.in_batch is not None and kept is None:
+            self._warn_unweighted()
+        self._check_plan_weights_used(pending)
+        return InTransit.of(pending.indices, packed, stats, kept)
 
     def _warn_unmeasured(self, pending: PendingBatch) -> None:
         key, why = why_unmeasured(pending, self.head)
@@ -207,6 +283,39 @@ class MeasureWarnings:
             self._warned.add(key)
             warnings.warn(
                 f"StepFeedback could not measure a batch, so its feedback carries no loss: {why}.",
+                AdaptiveBatchWarning,
+                stacklevel=4,
+            )
+
+    def _warn_unweighted(self) -> None:
+        if "unweighted" not in self._warned:
+            self._warned.add("unweighted")
+            warnings.warn(
+                "the policy has an in-batch rule, but this batch's loss did not go through "
+                "batches.weighted(...), so the step trained on every sample and the rule chose "
+                "nothing. Compute the loss with loss_fn = batches.weighted(<per-sample loss, "
+                "reduction='none'>) over the whole batch.",
+                AdaptiveBatchWarning,
+                stacklevel=4,
+            )
+
+    def _check_plan_weights_used(self, pending: PendingBatch) -> None:
+        """Until the first batch whose epoch plan weighs it: say once if those weights never
+        reached the loss (the loss did not go through ``batches.weighted``)."""
+        if "plan_weights" in self._warned:
+            return
+        weights = pending.weights
+        if weights is None and pending.weight_offset == 0:
+            weights = self.sampler.weights_of(pending.indices)  # O(batch), until the first
+        if weights is None:
+            return
+        self._warned.add("plan_weights")  # checked once: used, or said now
+        if pending.weight_offset == 0:
+            warnings.warn(
+                f"the epoch plan ({type(self.sampler.policy).__name__}) weighs the samples of "
+                "this batch, but its loss did not go through batches.weighted(...), so the "
+                "weights never reached it (InfoBatch's rescaling is lost). Compute the loss with "
+                "loss_fn = batches.weighted(<per-sample loss, reduction='none'>).",
                 AdaptiveBatchWarning,
                 stacklevel=4,
             )

@@ -12,6 +12,7 @@ from ..contract import (
     FeedbackSink,
     LayerSelection,
     LayerSelectionRule,
+    check_policy_for_stage,
     layer_rule_of,
     require_keys,
 )
@@ -73,6 +74,7 @@ class PerLayerBackward:
                 "policy must have a per-layer rule (a DBA policy or a DBASelection); got "
                 f"{type(policy).__name__}"
             )
+        check_policy_for_stage(policy, "per_layer")
         if sampler is not None:
             sampler.register_reporter(self)
         self.model = model

@@ -15,11 +15,11 @@ from ..contract import (
     Feedback,
     FeedbackSink,
     check_feedback_sink,
-    check_feedback_source,
     check_fetched_ahead,
+    check_policy_for_stage,
+    in_batch_rule_of,
     load_trainer_state,
     require_keys,
-    sizing_rule_of,
     trainer_state,
 )
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError
@@ -36,10 +36,8 @@ from .measured import (
     PendingBatch,
     check_head_output,
     losses_of,
-    measure_statistics,
     weak_hook,
 )
-from .transfer import HostCopy
 from .weighted_loss import PlanWeights
 
 __all__ = ["StepFeedback"]
@@ -55,7 +53,10 @@ class StepFeedback(PlanWeights, MeasureWarnings):
     statistics -- in closed form, ``O(B (C + D))``, no ``B x C x D`` tensor -- and one
     :class:`~adaptive_batch.Feedback` to the sampler. Sizing rules (CABS with head variance, the
     gradient noise scale, AdaDamp, PadaDamp, GeoDamp, Arbiter) then adapt at no extra cost, and
-    epoch plans (InfoBatch, small-loss, stale Selective-Backprop) score every sample from it.
+    epoch plans (InfoBatch, small-loss, stale Selective-Backprop) score every sample from it. An
+    in-batch rule (``SmallLoss(stage="in_batch", fraction=...)``, Co-teaching's) picks the samples
+    each step trains on through :meth:`weighted`; a look-ahead selection rule is refused (it needs
+    a :class:`~adaptive_batch.SubsetFilter`).
 
     Only forwards of the head in training mode with gradients enabled count, and only as many
     rows as the batch has: an evaluation forward inside the loop (``model.eval()`` or
@@ -134,7 +135,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         report_lag: int | None = None,
     ) -> None:
         check_feedback_sink(sampler)
-        check_feedback_source(sizing_rule_of(sampler.policy), "training_step")
+        check_policy_for_stage(sampler.policy, "training_step")
         check_not_resharded(batches, sampler)
         if report_lag is not None and report_lag < 0:
             raise AdaptiveBatchError(f"report_lag must be 0 or more; got {report_lag}")
@@ -160,6 +161,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         elif head is not None:
             raise AdaptiveBatchError("head= needs the model it belongs to")
         sampler.register_reporter(self)
+        self.in_batch = in_batch_rule_of(sampler.policy)
         self.num_candidates = self.num_batches = self.num_unmeasured = 0
         self.last_feedback: Feedback | None = None
         self._pending: PendingBatch | None = None
@@ -236,6 +238,23 @@ class StepFeedback(PlanWeights, MeasureWarnings):
     def end_batch(self) -> None:
         """The trainer finished the step begun last: its feedback goes to the sampler."""
         self.settle()
+
+    @property
+    def num_held(self) -> int:
+        """Batches taken from the loader whose feedback has not reached the sampler yet."""
+        return (self._pending is not None) + len(self._transit) + len(self._ahead)
+
+    def _yielded_rows(self) -> PendingBatch | None:
+        return self._pending
+
+    @property
+    def trained_rows(self) -> int | None:
+        """How many rows of the batch just yielded its step trains on: the in-batch rule's kept
+        count once the weighted loss ran, else every row (``None`` before the first batch)."""
+        pending = self._pending
+        if pending is None:
+            return None
+        return pending.kept_rows if pending.kept_parts else pending.rows
 
     @property
     def current_indices(self) -> Tensor | None:
@@ -324,24 +343,6 @@ class StepFeedback(PlanWeights, MeasureWarnings):
             feedback = self._transit.popleft().feedback(self)
             self.sampler.feedback(feedback)
             self.last_feedback = feedback
-
-    def _measure(self, pending: PendingBatch) -> InTransit:
-        if pending.losses is not None:
-            losses = pending.losses
-            return InTransit(pending.indices, HostCopy(losses), 0, losses.device.type != "cpu")
-        if pending.captured != pending.rows or self.head is None:
-            self.num_unmeasured += 1
-            self._warn_unmeasured(pending)
-            return InTransit(pending.indices, None, 0)
-        if pending.part_losses:
-            losses = (
-                pending.part_losses[0]
-                if len(pending.part_losses) == 1
-                else torch.cat(pending.part_losses)
-            )
-            return InTransit(pending.indices, HostCopy(losses), 0, losses.device.type != "cpu")
-        assert self.head is not None
-        return measure_statistics(pending, self.head, self.loss)
 
     # -- checkpointing ------------------------------------------------------------------------------
 

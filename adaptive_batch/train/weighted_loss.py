@@ -1,21 +1,26 @@
-"""WeightedLoss: a per-sample loss weighted by the epoch plan of the batch a stage yielded."""
+"""WeightedLoss: a per-sample loss weighted by the epoch plan of the batch a stage yielded, and
+restricted to the samples an in-batch rule keeps."""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..errors import AdaptiveBatchError
+from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
 from ..probe import LossFn, to_device
 
-__all__ = ["PlanWeights", "WeightedLoss"]
+__all__ = ["PlanWeights", "WeightedLoss", "YieldedRows"]
 
 
 class WeightedLoss:
     """A per-sample loss weighted by the current epoch plan and averaged, for the batch a stage
-    just yielded: InfoBatch's rescaling without a change to the loop body.
+    just yielded: InfoBatch's rescaling without a change to the loop body. With an in-batch rule
+    (Co-teaching's small-loss), the samples it leaves out weigh 0 and the loss is the mean over
+    the kept.
 
     Called on the whole batch, or on consecutive parts of it (micro-batches), in order.
     """
@@ -31,21 +36,43 @@ class WeightedLoss:
                 "WeightedLoss needs per-sample losses: give a loss with reduction='none' "
                 f"(got shape {tuple(losses.shape)})"
             )
-        weights = self.stage.next_weights(losses.shape[0], losses.device)
+        rows = losses.shape[0]
+        weights = self.stage.next_weights(rows, losses.device)
+        selected = self.stage.select_in_batch(losses)
+        if selected is not None:
+            mask, kept = selected
+            scale = mask.to(losses.dtype) * (rows / kept)
+            weights = scale if weights is None else weights * scale
         return (losses if weights is None else losses * weights).mean()
 
 
+@dataclass
+class YieldedRows:
+    """The dataset indices of the rows a stage yielded last, and their plan weights once read."""
+
+    indices: Tensor
+    rows: int
+    weights: Tensor | None = None
+    weight_offset: int = 0
+    weighed: bool = False  # whether the step's loss went through WeightedLoss
+
+
 class PlanWeights:
-    """Mixin of :class:`~adaptive_batch.StepFeedback`: the epoch plan's weights of the batch it
-    yielded, for :class:`WeightedLoss`."""
+    """Mixin of the stages (:class:`~adaptive_batch.StepFeedback`,
+    :class:`~adaptive_batch.SubsetFilter`): the epoch plan's weights of the batch just yielded,
+    and an in-batch rule's choice, for :class:`WeightedLoss`. A stage says which rows it yielded
+    last with ``_yielded_rows()`` (a :class:`YieldedRows` or anything with its attributes)."""
 
     sampler: Any
-    _pending: Any
+    in_batch: Any = None
+    _warned: set[str]
+
+    def _yielded_rows(self) -> Any: ...
 
     def batch_weights(self) -> Tensor | None:
         """The epoch plan's training weights of the batch just yielded (``None``: all 1)."""
-        pending = self._pending
-        if pending is None:
+        pending = self._yielded_rows()
+        if pending is None or self.sampler is None:
             return None
         if pending.weights is None:
             pending.weights = self.sampler.weights_of(pending.indices)
@@ -60,9 +87,43 @@ class PlanWeights:
         """The weights of the next ``rows`` samples of the batch just yielded, on ``device``
         (consecutive calls walk through the batch: micro-batches); ``None``: all 1."""
         weights = self.batch_weights()
-        pending = self._pending
+        pending = self._yielded_rows()
+        if pending is not None:
+            pending.weighed = True
         if weights is None or pending is None:
             return None
         start = pending.weight_offset if pending.weight_offset + rows <= pending.rows else 0
         pending.weight_offset = start + rows
         return to_device(weights[start : start + rows], device)
+
+    def select_in_batch(self, losses: Tensor) -> tuple[Tensor, int] | None:
+        """The in-batch rule's kept samples among these rows of the batch just yielded (a mask on
+        their device, and how many), recorded for the feedback; ``None`` without a rule."""
+        pending = self._yielded_rows()
+        if self.in_batch is None or pending is None:
+            return None
+        mask, kept = self.in_batch.keep_mask(losses.detach(), getattr(self.sampler, "epoch", 0))
+        pending.kept_parts.append(mask)
+        pending.kept_rows += kept
+        return mask, kept
+
+    def _check_plan_weights_used(self, pending: Any) -> None:
+        """Until the first batch whose epoch plan weighs it: say once if those weights never
+        reached the loss (the loss did not go through ``batches.weighted``)."""
+        if "plan_weights" in self._warned:
+            return
+        if pending.weighed:
+            self._warned.add("plan_weights")  # the loss is weighted: nothing to check again
+            return
+        if self.sampler.weights_of(pending.indices) is None:  # O(batch), until the first
+            return
+        self._warned.add("plan_weights")
+        warnings.warn(
+            f"the epoch plan ({type(self.sampler.policy).__name__}) weighs the samples of "
+            "this batch, but its loss did not go through batches.weighted(...), so the "
+            "weights never reached it (InfoBatch's up-weights, small-loss's weight 0 for what it only "
+            "re-scores). Compute the loss with "
+            "loss_fn = batches.weighted(<per-sample loss, reduction='none'>).",
+            AdaptiveBatchWarning,
+            stacklevel=5,
+        )

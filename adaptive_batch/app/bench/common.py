@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import platform
 import statistics
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +21,7 @@ __all__ = [
     "mean_std",
     "peak_memory_bytes",
     "pick_device",
+    "reached_cell",
     "synchronize",
 ]
 
@@ -37,6 +41,22 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+@contextlib.contextmanager
+def _quiet_native_stderr() -> Iterator[None]:
+    """Silence what native code writes to the process's stderr (file descriptor 2) meanwhile:
+    torch's profiler logs its start and stop there, and on a CUDA build without a GPU an
+    ``ERROR ... gpuGetDeviceCount failed`` line that is not an error of the benchmark."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> float:
     """Peak memory allocated by ``fn`` beyond what was allocated before it (what it returns
     included): CUDA's allocator statistics on a GPU; on the CPU, the allocation and free events
@@ -50,10 +70,17 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> float:
         return float(torch.cuda.max_memory_allocated(device) - before)
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_native_stderr():  # the profiler's own start/stop log lines (not fn's output)
+        prof.__enter__()
+    try:
         fn()
+    finally:
+        with _quiet_native_stderr():
+            prof.__exit__(None, None, None)
+            events = prof.events()
     current = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+    for event in sorted(events, key=lambda e: e.time_range.start):
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return float(peak)
@@ -136,3 +163,19 @@ def floats(
     rows: Sequence[dict[str, str]], field: str, keep: Callable[[float], bool] = lambda v: True
 ) -> list[float]:
     return [v for v in (float(r[field]) for r in rows) if keep(v)]
+
+
+def reached_cell(values: Sequence[float | None]) -> str:
+    """Mean ± std of the runs that reached a target (``None``: a run that never did), and how
+    many did.
+
+    Example:
+        >>> reached_cell([0.5, None, 0.7])
+        '0.60 ± 0.14 (2/3)'
+        >>> reached_cell([None])
+        'never (0/1)'
+    """
+    hits = [v for v in values if v is not None]
+    if not hits:
+        return f"never (0/{len(values)})"
+    return f"{mean_std(hits)} ({len(hits)}/{len(values)})"

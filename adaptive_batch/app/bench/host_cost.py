@@ -134,8 +134,8 @@ def _load_random_scores(sampler: AdaptiveBatchSampler) -> None:
 
 VARIANTS: dict[str, tuple[Callable[[], Any], str, bool]] = {
     "sampler alone (no policy)": (lambda: None, "none", False),
-    "StepFeedback + InfoBatch (weighted loss)": (lambda: InfoBatch(), "step", True),
-    "StepFeedback + stale-SB": (lambda: StaleSelectiveBackprop(), "step", True),
+    "StepFeedback + InfoBatch (weighted loss)": (lambda: InfoBatch(num_epochs=1000), "step", True),
+    "StepFeedback + stale-SB": (lambda: StaleSelectiveBackprop(num_epochs=1000), "step", True),
     "StepFeedback + small-loss plan": (lambda: SmallLoss(warmup_epochs=0), "step", True),
     "StepFeedback + GNS (moments)": (lambda: GradientNoiseScale(), "step", False),
     "SubsetFilter + keep-all (look-ahead forward)": (lambda: KeepAll(), "filter", False),
@@ -197,7 +197,7 @@ def measure_host_cost(
 
 def score_table_bytes(size: int = 100_000) -> float:
     """Bytes per index of the sampler's per-index feedback table (losses and counts)."""
-    sampler = AdaptiveBatchSampler(size, policy=InfoBatch())
+    sampler = AdaptiveBatchSampler(size, policy=InfoBatch(num_epochs=1000))
     return sampler.score_table_bytes() / size
 
 

@@ -4,6 +4,7 @@ throughput. Every ratio compares figures measured side by side in the same run.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,6 @@ from adaptive_batch import (
     StepFeedback,
     SubsetFilter,
 )
-from adaptive_batch.optional import require
 from adaptive_batch.policies import EDBA, KeepAll
 from adaptive_batch.probe import LOSSES, linear_head_gram
 
@@ -239,7 +239,7 @@ def _math_vs_step(
         )
     }
     try:
-        models = require("torchvision.models", "vision", "the ResNet step timings")
+        models = importlib.import_module("torchvision.models")  # the one matching your torch
         trunks[f"torchvision {net}"] = lambda: getattr(models, net)(num_classes=classes)
     except ImportError:
         out.append(

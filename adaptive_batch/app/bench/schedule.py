@@ -37,6 +37,7 @@ class EpochSetup:
         batch_size: the baseline's batch size, kept by the policies that do not size batches.
         optimizer: SGD settings (learning rate, Nesterov momentum, weight decay).
         model: ``"convnet"`` (:func:`~.models.small_convnet`, 24k parameters) or ``"resnet8"``.
+        augment: random crop and flip (default); without them a network memorises sooner.
     """
 
     subset: int | None = 10_000
@@ -46,6 +47,7 @@ class EpochSetup:
         default_factory=lambda: {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
     )
     model: str = "convnet"
+    augment: bool = True
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -57,7 +59,8 @@ class EpochSetup:
         return (
             f"{MODEL_NAMES[self.model]} on {images} CIFAR-10 training images, {self.epochs} epochs, batch "
             f"{self.batch_size}, SGD lr {opt['lr']} (cosine, stepped per epoch), Nesterov "
-            f"momentum {opt['momentum']}, weight decay {opt['weight_decay']}, random crop and flip; "
+            f"momentum {opt['momentum']}, weight decay {opt['weight_decay']}, "
+            f"{'random crop and flip' if self.augment else 'no augmentation'}; "
             "test accuracy on all test images after every epoch"
         )
 
@@ -80,25 +83,31 @@ def run_epochs(
     progress: Any = None,
     trajectory: Path | None = None,
     epochs: int | None = None,
+    **overrides: Any,
 ) -> RunResult:
     """One arm: ``policy`` (``"fixed"`` or a recipe name) trained as ``setup`` says, on the
     training labels ``labels`` (default the true ones; ``noisy`` marks the corrupted ones).
     ``trajectory``: a CSV file for the sampler's batch-by-batch record. ``epochs`` shortens the
-    schedule (the cosine anneals over it) for a budget-matched control."""
+    schedule (the cosine anneals over it) for a budget-matched control. ``overrides``: further
+    :class:`~adaptive_batch.app.runner.RunSpec` fields (``schedule``, ``stage``, ``optimizer``,
+    ``batch_caps``), overriding the setup's."""
+    fields: dict[str, Any] = {
+        "optimizer": dict(setup.optimizer),
+        "schedule": "cosine",
+        "batch_size": setup.batch_size,
+    }
     spec = RunSpec(
         policy,
         seed=seed,
         epochs=epochs or setup.epochs,
         eval_each_epoch=True,
-        optimizer=dict(setup.optimizer),
-        schedule="cosine",
-        batch_size=setup.batch_size,
+        **(fields | overrides),
     )
     train_labels = data.train_y if labels is None else labels
     return train(
         spec,
         MODELS[setup.model],
-        AugmentedImages(data.train_x, train_labels, seed=seed),
+        AugmentedImages(data.train_x, train_labels, augment=setup.augment, seed=seed),
         allowed_indices(data, setup),
         evaluate=partial(evaluate, images=data.test_x, labels=data.test_y),
         device=device,

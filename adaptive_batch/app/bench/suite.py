@@ -25,13 +25,14 @@ SCARCE_CIFAR_PARTS = {
     "scarce-cifar-1pct": "1pct",
     "scarce-cifar-10pct": "10pct",
 }
-CIFAR_PARTS = ("time-to-accuracy", "noisy-cifar", *SCARCE_CIFAR_PARTS)
+CIFAR_PARTS = ("time-to-accuracy", "sizing", "noisy-cifar", *SCARCE_CIFAR_PARTS)
 PARTS = (
     "overhead",
     "probe",
     "lag",
     "policies",
     "time-to-accuracy",
+    "sizing",
     "noisy-cifar",
     *SCARCE_CIFAR_PARTS,
     "scarce-digits",
@@ -75,6 +76,8 @@ def run_parts(args: argparse.Namespace) -> None:
             _policies(out, device, quick, args, seeds, show)
         elif part == "time-to-accuracy":
             _time_to_accuracy(out, device, quick, args, seeds, show)
+        elif part == "sizing":
+            _sizing(out, device, quick, args, seeds, show)
         elif part == "noisy-cifar":
             _noisy(out, device, quick, args, seeds, show)
         elif part in SCARCE_CIFAR_PARTS:
@@ -176,7 +179,12 @@ def _cifar(args: argparse.Namespace, out: Path, quick: bool):
 def _epoch_setup(args: argparse.Namespace, quick: bool):
     from .schedule import EpochSetup
 
-    optimizer = {"lr": args.lr, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4}
+    optimizer = {
+        "lr": args.lr,
+        "momentum": 0.9,
+        "nesterov": True,
+        "weight_decay": args.weight_decay,
+    }
     if quick:
         return EpochSetup(
             subset=200, epochs=2, batch_size=32, optimizer=optimizer, model=args.tta_model
@@ -188,6 +196,7 @@ def _epoch_setup(args: argparse.Namespace, quick: bool):
         batch_size=args.batch_size,
         optimizer=optimizer,
         model=args.tta_model,
+        augment=not args.no_augment,
     )
 
 
@@ -200,13 +209,41 @@ def _time_to_accuracy(
     setup = _epoch_setup(args, quick)
     policies = ("infobatch",) if quick else args.tta_policies
     results = run_time_to_accuracy(
-        data, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show
+        data,
+        policies,
+        seeds,
+        setup=setup,
+        out_dir=out,
+        device=device,
+        show_progress=show,
+        controls=() if args.no_controls else ("short", "rs2"),
     )
     plot_curves(results, setup, out / "time-to-accuracy.png")
     title = f"Time to the fixed baseline's final accuracy: {setup.describe()} ({data.source})"
     _write(
         out, "time-to-accuracy", title, format_time_to_accuracy(results, policies, setup), device
     )
+
+
+def _sizing(
+    out: Path, device: torch.device, quick: bool, args: argparse.Namespace, seeds, show: bool
+) -> None:
+    from .sizing import ARMS, format_sizing, run_sizing
+
+    data = _cifar(args, out, quick)
+    setup = _epoch_setup(args, quick)
+    arms = (
+        ("fixed", "geodamp")
+        if quick
+        else args.sizing_arms
+        or ("fixed", f"fixed-{setup.batch_size // 4}", f"fixed-{setup.batch_size * 4}", *ARMS)
+    )
+    results = run_sizing(
+        data, arms, seeds, setup=setup, out_dir=out, device=device, show_progress=show
+    )
+    title = f"Does adaptive sizing pay? {setup.describe()} ({data.source})"
+    table = format_sizing(results, arms, setup, args.saturation_batch)
+    _write(out, "sizing", title, table, device)
 
 
 def _noisy(
@@ -216,7 +253,7 @@ def _noisy(
 
     data = _cifar(args, out, quick)
     setup = _epoch_setup(args, quick)
-    policies = ("small-loss",) if quick else args.noisy_policies
+    policies = ("small-loss", "small-loss-inbatch") if quick else args.noisy_policies
     rates = (0.4,) if quick else args.noise
     results = run_noisy(
         data, rates, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show

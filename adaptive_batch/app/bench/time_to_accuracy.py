@@ -28,7 +28,7 @@ import torch
 from adaptive_batch.optional import require
 
 from .cifar import CifarData
-from .common import Results, floats, markdown_table, mean_std
+from .common import Results, floats, markdown_table, mean_std, reached_cell
 from .schedule import EpochSetup, curve_cell, parse_curve, run_epochs
 
 __all__ = [
@@ -63,10 +63,11 @@ CONTROLS = ("short", "rs2")
 def setup_key(setup: EpochSetup) -> str:
     """The settings a stored row must match to count for this setup."""
     opt = setup.optimizer
-    return (
+    key = (
         f"{setup.model}/{setup.subset}/{setup.epochs}/{setup.batch_size}/{opt['lr']}/"
         f"{opt['weight_decay']}"
     )
+    return key if setup.augment else key + "/plain"
 
 
 def control_name(kind: str, policy: str) -> str:
@@ -82,9 +83,11 @@ def run_time_to_accuracy(
     out_dir: str | Path,
     device: torch.device,
     show_progress: bool = True,
+    controls: Sequence[str] = CONTROLS,
 ) -> Results:
-    """Per seed: the full fixed run, every policy, then each policy's controls at the fraction of
-    samples it trained on; resumable: rows already in ``out_dir`` are not run again."""
+    """Per seed: the full fixed run, every policy, then each policy's ``controls`` at the
+    fraction of samples it trained on (none: an ablation beside runs controlled already);
+    resumable: rows already in ``out_dir`` are not run again."""
     results = Results(out_dir, "time-to-accuracy", FIELDS, key=("policy", "seed", "setup"))
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
     key = setup_key(setup)
@@ -93,7 +96,7 @@ def run_time_to_accuracy(
     pending = [
         (seed, arm)
         for seed in seeds
-        for arm in [*arms, *(control_name(k, p) for p in arms[1:] for k in CONTROLS)]
+        for arm in [*arms, *(control_name(k, p) for p in arms[1:] for k in controls)]
         if not results.has(policy=arm, seed=seed, setup=key)
     ]
     with tqdm(
@@ -110,7 +113,7 @@ def run_time_to_accuracy(
             for policy in arms[1:]:
                 row = results.select(policy=policy, seed=seed, setup=key)[0]
                 fraction = float(row["trained"]) / float(fixed["trained"])
-                for kind in CONTROLS:
+                for kind in controls:
                     name = control_name(kind, policy)
                     if results.has(policy=name, seed=seed, setup=key):
                         continue  # stored: not counted in the bar's total
@@ -276,8 +279,8 @@ def format_time_to_accuracy(results: Results, policies: Sequence[str], setup: Ep
                 mean_std(floats(runs, "best_accuracy"), 100),
                 mean_std(fractions),
                 f"{statistics.fmean(floats(runs, 'steps')):.0f}",
-                _reached(to_final),
-                _reached(to_99),
+                reached_cell(to_final),
+                reached_cell(to_99),
                 _savings_cell(savings),
                 mean_std(floats(runs, "cpu_seconds"), digits=0),
                 mean_std(floats(runs, "train_seconds"), digits=0),
@@ -298,13 +301,6 @@ def format_time_to_accuracy(results: Results, policies: Sequence[str], setup: Ep
             "accuracy (mean ± std over seeds)."
         )
     return table
-
-
-def _reached(values: list[float | None]) -> str:
-    hits = [v for v in values if v is not None]
-    if not hits:
-        return f"never (0/{len(values)})"
-    return f"{mean_std(hits)} ({len(hits)}/{len(values)})"
 
 
 def _paired(results: Results, key: str, policies: Sequence[str]) -> str:

@@ -1,0 +1,84 @@
+"""On a GPU, a steady-state training step with StepFeedback never waits for the device: the
+losses and statistics reach the host by a non-blocking copy read a step later. A look-ahead
+SubsetFilter decides each subset on the host, so it copies once per batch (documented in
+docs/scaling.md), and nothing more. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptive_batch import AdaptiveBatchSampler, IndexedSample, StepFeedback, SubsetFilter
+from adaptive_batch.policies import GradientNoiseScale, InfoBatch, SmallLoss
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+DATASET, BATCH = 10_000, 64
+
+
+def _batch(indices: list[int]) -> IndexedSample:
+    index = torch.tensor(indices)
+    x = torch.sin(index.float()[:, None] * torch.linspace(0.01, 1, 8))
+    return IndexedSample(index, (x.pin_memory(), (index % 4).pin_memory()))
+
+
+def _steps(stage_kind: str, policy, steps: int, sync_mode: str) -> list[warnings.WarningMessage]:
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sampler = AdaptiveBatchSampler(
+        DATASET, policy=policy, batch_size=BATCH, min_batch_size=BATCH, max_batch_size=BATCH
+    )
+    if stage_kind == "step":
+        stage = StepFeedback(None, model, sampler=sampler)
+        loss_fn = stage.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
+    else:
+        stage = SubsetFilter(None, model, sampler=sampler)
+        loss_fn = F.cross_entropy
+    state = sampler.state_dict()  # past the first epoch: every index scored, the plan prunes
+    state["ledger"]["losses"] = torch.rand(DATASET)
+    sampler.load_state_dict(state)
+    sampler.set_epoch(1)
+    handed = iter(sampler)
+
+    def step() -> None:
+        item = _batch(next(handed))
+        x, y = stage.hand_out(item) if stage_kind == "step" else stage.filter_batch(item)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+
+    for _ in range(3):  # warm up: the epoch's plan, CUDA's lazy initialisation
+        step()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert sampler.num_feedback >= steps  # the steps were measured and reported
+    return list(seen)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [InfoBatch(num_epochs=100), SmallLoss(stage="in_batch", fraction=0.3), GradientNoiseScale()],
+    ids=["plan", "in-batch", "sizing"],
+)
+def test_step_feedback_steps_never_synchronise(policy):
+    _steps("step", policy, steps=5, sync_mode="error")  # a synchronising op raises
+
+
+def test_the_look_ahead_filter_synchronises_once_per_batch():
+    seen = _steps("filter", None, steps=5, sync_mode="warn")
+    syncs = [w for w in seen if "synchroniz" in str(w.message).lower()]
+    assert len(syncs) <= 5
