@@ -248,10 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     group.add_argument(
         "--noisy-policies",
-        type=_names,
+        type=_list,
         default=("small-loss", "small-loss-inbatch", "small-loss-lookahead"),
         help="policies run on noisy labels beside the fixed baselines (the baseline batch, 4x "
-        "smaller and larger; default: small-loss as a plan, in-batch and look-ahead)",
+        "smaller and larger; default: small-loss as a plan, in-batch and look-ahead; "
+        "small-loss-told: the plan told the noise rate)",
     )
     group = bench.add_argument_group("scarce-cifar, scarce-digits")
     group.add_argument(

@@ -6,6 +6,7 @@ in one place, each with the source of its numbers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -35,6 +36,7 @@ __all__ = [
     "forget_rate",
     "infobatch_setting",
     "recipe",
+    "small_loss_fraction",
 ]
 
 # The demo's policy: the one that paid best on digits (30 epochs, seeds 0-2; docs/results.md).
@@ -93,7 +95,14 @@ def rs2_fraction(name: str) -> float | None:
 
 def infobatch_setting(name: str) -> dict[str, float] | None:
     """The InfoBatch setting an ablation run name changes: ``"infobatch-r<ratio>"`` (the prune
-    ratio) or ``"infobatch-d<delta>"`` (the annealing point); ``None``: another name."""
+    ratio) or ``"infobatch-d<delta>"`` (the annealing point); ``None``: another name.
+
+    Example:
+        >>> infobatch_setting("infobatch-r0.3"), infobatch_setting("infobatch-d0.75")
+        ({'prune_ratio': 0.3}, {'delta': 0.75})
+        >>> infobatch_setting("infobatch-average") is None
+        True
+    """
     head, _, value = name.partition("-")
     if head != "infobatch" or len(value) < 2 or value[0] not in "rd":
         return None
@@ -103,6 +112,18 @@ def infobatch_setting(name: str) -> dict[str, float] | None:
         return None
     key = {"r": "prune_ratio", "d": "delta"}[value[0]]
     return {key: number} if 0.0 <= number <= 1.0 else None
+
+
+def small_loss_fraction(name: str) -> float | None:
+    """The fraction a ``"small-loss-<fraction>"`` plan drops (told, not estimated; ``None``:
+    another name).
+
+    Example:
+        >>> small_loss_fraction("small-loss-0.4"), small_loss_fraction("small-loss-inbatch")
+        (0.4, None)
+    """
+    fraction = _suffix_fraction(name, "small-loss", math.nan)
+    return fraction if fraction is not None and 0.0 < fraction < 1.0 else None
 
 
 def forget_rate(name: str) -> float | None:
@@ -240,8 +261,10 @@ def _recipe(
         # RS2: a fresh random part each epoch, the same schedule over the same epochs.
         plan = RandomSubset(fraction, seed=seed)
         return Recipe(name, plan, stage="none", **constant)
-    if name == "small-loss":  # weighted: the dropped it scores again are only scored
-        return Recipe(name, SmallLoss(), stage="training_step", weighted=True, **constant)
+    if name == "small-loss" or (told := small_loss_fraction(name)) is not None:
+        # weighted: the dropped it scores again are only scored
+        plan = SmallLoss() if name == "small-loss" else SmallLoss(fraction=told)
+        return Recipe(name, plan, stage="training_step", weighted=True, **constant)
     if (rate := forget_rate(name)) is not None:
         ramp = min(10, max(1, (epochs or 30) // 3))  # Co-teaching's T_k = 10, within short runs
         policy = SmallLoss(stage="in_batch", fraction=rate, warmup_epochs=ramp)

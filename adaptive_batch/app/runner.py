@@ -39,6 +39,7 @@ from .recipes import (
     infobatch_setting,
     recipe,
     rs2_fraction,
+    small_loss_fraction,
 )
 
 __all__ = ["RunResult", "RunSpec", "check_run_name", "fixed_batch_size", "train"]
@@ -61,11 +62,12 @@ def fixed_batch_size(name: str) -> int | None:
 
 def check_run_name(name: str) -> None:
     named = name in POLICY_NAMES or forget_rate(name) is not None
-    named = named or infobatch_setting(name) is not None
+    named = named or infobatch_setting(name) is not None or small_loss_fraction(name) is not None
     if not named and fixed_batch_size(name) is None and rs2_fraction(name) is None:
         raise ValueError(
             f"unknown run {name!r}: fixed, fixed-<size>, rs2-<fraction>, "
-            f"small-loss-inbatch-<rate>, infobatch-r<ratio>, infobatch-d<delta> or one of "
+            f"small-loss-<fraction>, small-loss-inbatch-<rate>, infobatch-r<ratio>, "
+            f"infobatch-d<delta> or one of "
             f"{', '.join(POLICY_NAMES)}"
         )
 

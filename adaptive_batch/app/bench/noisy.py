@@ -11,7 +11,8 @@ The baselines a filter must beat: the fixed run's final accuracy; the fixed run 
 best epoch (picked on the test set: an upper bound of early stopping, reported as such); and the
 tuned fixed run, the best of three batch sizes (the baseline's, 4x smaller and 4x larger, the
 learning rate scaled by the square-root rule). ``small-loss-inbatch`` forgets the noise rate
-(Co-teaching's assumption, told the true rate).
+(Co-teaching's assumption, told the true rate); ``small-loss-told`` is the plan told it too (it
+otherwise estimates it with a loss mixture).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from adaptive_batch.optional import require
 
-from ..runner import fixed_batch_size
+from ..runner import check_run_name, fixed_batch_size
 from .cifar import CifarData
 from .common import Results, floats, markdown_table, mean_std
 from .schedule import EpochSetup, allowed_indices, curve_cell, parse_curve, run_epochs
@@ -64,6 +65,8 @@ def _run_as(arm: str, rate: float, setup: EpochSetup) -> tuple[str, dict[str, An
     """The runner's name for an arm, and its overrides of the setup."""
     if arm == "small-loss-inbatch":
         return f"small-loss-inbatch-{rate:g}", {}
+    if arm == "small-loss-told":  # the plan told the noise rate, as the in-batch form is
+        return f"small-loss-{rate:g}", {}
     size = fixed_batch_size(arm)
     if size is None or arm == "fixed":
         return arm, {}
@@ -115,6 +118,8 @@ def run_noisy(
     key = setup_key(setup)
     arms = ["fixed", *fixed_sizes(setup.batch_size)]
     arms += [p for p in policies if p not in arms]
+    for arm in arms:  # an unknown name fails here, before any training
+        check_run_name(_run_as(arm, rates[0], setup)[0])
     pending = sum(
         not results.has(noise=r, policy=p, seed=s, setup=key)
         for r in rates
@@ -197,7 +202,14 @@ def _row(rate: float, name: str, seed: int, key: str, result: Any) -> dict[str, 
 
 
 def noisy_share_after(row: dict[str, str], epoch: int) -> float:
-    """The mislabelled share among the samples trained from ``epoch`` on (``nan``: none)."""
+    """The mislabelled share among the samples trained from ``epoch`` on (``nan``: none).
+
+    Example (100 samples trained per epoch; 40, 40, 10 and 10 of them mislabelled):
+        >>> row = {"curve": "1:1:100:0.1;2:2:200:0.2;3:3:300:0.3;4:4:400:0.4",
+        ...        "noisy_curve": "40;80;90;100"}
+        >>> noisy_share_after(row, 2)  # epochs 3 and 4: 20 of 200
+        0.1
+    """
     trained = [p[2] for p in parse_curve(row["curve"])]
     noisy = [int(v) for v in row["noisy_curve"].split(";") if v]
     if len(trained) <= epoch or len(noisy) != len(trained):
