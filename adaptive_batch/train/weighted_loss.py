@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..contract import plan_rule_of
 from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
 from ..probe import LossFn, to_device
 
@@ -112,7 +113,7 @@ class PlanWeights:
         reached the loss (the loss did not go through ``batches.weighted``)."""
         if "plan_weights" in self._warned:
             return
-        if pending.weighed:
+        if pending.weighed or plan_rule_of(self.sampler.policy) is None:
             self._warned.add("plan_weights")  # the loss is weighted: nothing to check again
             return
         if self.sampler.weights_of(pending.indices) is None:  # O(batch), until the first
