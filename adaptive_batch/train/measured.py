@@ -67,18 +67,6 @@ STAT_NAMES = ("loss", "grad_sq_norm", "grad_variance")
 
 
 class _Warns(Protocol):
-    def _warn_unweighted(self) -> None:
-        if "unweighted" not in self._warned:
-            self._warned.add("unweighted")
-            warnings.warn(
-                "the policy has an in-batch rule, but this batch's loss did not go through "
-                "batches.weighted(...), so the step trained on every sample and the rule chose "
-                "nothing. Compute the loss with loss_fn = batches.weighted(<per-sample loss, "
-                "reduction='none'>) over the whole batch.",
-                AdaptiveBatchWarning,
-                stacklevel=4,
-            )
-
     def warn_nonfinite(self, bad: int, rows: int) -> None: ...
 
 
