@@ -28,11 +28,18 @@ from torch import Tensor
 
 from adaptive_batch.optional import require
 
-from ..runner import check_run_name, fixed_batch_size
+from ..runner import check_run_name
 from .cifar import CifarData
 from .common import Results, floats, markdown_table, mean_std
-from .schedule import EpochSetup, allowed_indices, curve_cell, parse_curve, run_epochs
-from .time_to_accuracy import CONTROL_BELOW, setup_key
+from .schedule import (
+    EpochSetup,
+    allowed_indices,
+    curve_cell,
+    fixed_alternatives,
+    parse_curve,
+    run_epochs,
+)
+from .time_to_accuracy import CONTROL_BELOW, CONTROLS, control_name, control_run, setup_key
 
 __all__ = ["corrupt_labels", "format_noisy", "run_noisy"]
 
@@ -56,22 +63,13 @@ FIELDS = (
 WARMUP_EPOCHS = 10
 
 
-def fixed_sizes(batch_size: int) -> tuple[str, str]:
-    """The tuned baseline's other two batch sizes: 4x smaller and 4x larger."""
-    return f"fixed-{batch_size // 4}", f"fixed-{batch_size * 4}"
-
-
 def _run_as(arm: str, rate: float, setup: EpochSetup) -> tuple[str, dict[str, Any]]:
     """The runner's name for an arm, and its overrides of the setup."""
     if arm == "small-loss-inbatch":
         return f"small-loss-inbatch-{rate:g}", {}
     if arm == "small-loss-told":  # the plan told the noise rate, as the in-batch form is
         return f"small-loss-{rate:g}", {}
-    size = fixed_batch_size(arm)
-    if size is None or arm == "fixed":
-        return arm, {}
-    lr = setup.optimizer["lr"] * math.sqrt(size / setup.batch_size)  # the square-root rule
-    return arm, {"optimizer": setup.optimizer | {"lr": lr}}
+    return arm, fixed_alternatives(setup).get(arm, {})
 
 
 def corrupt_labels(
@@ -116,8 +114,9 @@ def run_noisy(
     results = Results(out_dir, "noisy-cifar", FIELDS, key=("noise", "policy", "seed", "setup"))
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
     key = setup_key(setup)
-    arms = ["fixed", *fixed_sizes(setup.batch_size)]
-    arms += [p for p in policies if p not in arms]
+    baselines = ["fixed", *fixed_alternatives(setup)]
+    selecting = [p for p in policies if p not in baselines]
+    arms = baselines + selecting
     for arm in arms:  # an unknown name fails here, before any training
         check_run_name(_run_as(arm, rates[0], setup)[0])
     pending = sum(
@@ -136,25 +135,22 @@ def run_noisy(
         for rate in rates:
             for seed in seeds:
                 labels, corrupted = corrupt_labels(data.train_y, rate, seed, among=allowed)
-                arm = _Arm(data, setup, results, key, rate, seed, labels, corrupted)
+                arm = _Arm(
+                    data, setup, results, key, rate, seed, labels, corrupted, device, progress,
+                    Path(out_dir) / "trajectories",
+                )  # fmt: skip
                 for name in arms:
-                    arm.run(
-                        name,
-                        *_run_as(name, rate, setup),
-                        device=device,
-                        progress=progress,
-                        out_dir=out_dir,
-                    )
+                    run_as, overrides = _run_as(name, rate, setup)
+                    arm.run(name, run_as, **overrides)
                 fixed = results.select(noise=rate, policy="fixed", seed=seed, setup=key)[0]
-                for policy in arms[3:]:
+                for policy in selecting:
                     row = results.select(noise=rate, policy=policy, seed=seed, setup=key)[0]
                     fraction = float(row["trained"]) / float(fixed["trained"])
                     if fraction > CONTROL_BELOW:
                         continue
-                    context = {"device": device, "progress": progress, "out_dir": out_dir}
-                    epochs = max(1, round(fraction * setup.epochs))
-                    arm.run(f"short@{policy}", "fixed", {"epochs": epochs}, **context)
-                    arm.run(f"rs2@{policy}", f"rs2-{fraction:.4f}", {}, **context)
+                    for kind in CONTROLS:
+                        run_as, epochs = control_run(kind, fraction, setup.epochs)
+                        arm.run(control_name(kind, policy), run_as, epochs=epochs)
     return results
 
 
@@ -170,15 +166,19 @@ class _Arm:
     seed: int
     labels: Tensor
     corrupted: Tensor
+    device: torch.device
+    progress: Any
+    trajectories: Path
 
-    def run(self, name: str, run_as: str, overrides: dict[str, Any], **context: Any) -> None:
+    def run(self, name: str, run_as: str, **overrides: Any) -> None:
+        """Train ``name`` as ``run_as`` (with RunSpec ``overrides``) unless it is stored."""
         if self.results.has(noise=self.rate, policy=name, seed=self.seed, setup=self.key):
             return
-        folder = Path(context["out_dir"]) / "trajectories"
         result = run_epochs(
-            self.data, run_as, self.seed, self.setup, device=context["device"],
-            labels=self.labels, noisy=self.corrupted, progress=context["progress"],
-            trajectory=folder / f"noisy-{self.rate:g}-{name}-{self.seed}.csv", **overrides,
+            self.data, run_as, self.seed, self.setup, device=self.device, labels=self.labels,
+            noisy=self.corrupted, progress=self.progress,
+            trajectory=self.trajectories / f"noisy-{self.rate:g}-{name}-{self.seed}.csv",
+            **overrides,
         )  # fmt: skip
         self.results.add(_row(self.rate, name, self.seed, self.key, result))
 
@@ -251,14 +251,14 @@ def format_noisy(
         stopped = (
             sum(floats(fixed_runs, "best_accuracy")) / len(fixed_runs) if fixed_runs else math.nan
         )
-        sizes = ["fixed", *fixed_sizes(setup.batch_size)]
+        sizes = ["fixed", *fixed_alternatives(setup)]
         measured = [a for a in sizes if not math.isnan(_final_mean(results, rate, key, a))]
         tuned_arm = max(measured or ["fixed"], key=lambda a: _final_mean(results, rate, key, a))
         tuned = _final_mean(results, rate, key, tuned_arm)
         notes.append(f"{100 * rate:g}% noise: the tuned fixed run is {tuned_arm}")
         arms = [*sizes]
         for policy in [p for p in policies if p not in sizes]:
-            arms += [policy, f"short@{policy}", f"rs2@{policy}"]
+            arms += [policy, *(control_name(kind, policy) for kind in CONTROLS)]
         for arm in arms:
             runs = results.select(noise=rate, policy=arm, setup=key)
             if not runs:

@@ -8,6 +8,7 @@ same tuning; only the batches differ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -20,7 +21,7 @@ from ..runner import RunResult, RunSpec, train
 from .cifar import AugmentedImages, CifarData, evaluate, stratified_subset
 from .models import cifar_resnet, small_convnet
 
-__all__ = ["EpochSetup", "curve_cell", "parse_curve", "run_epochs"]
+__all__ = ["EpochSetup", "curve_cell", "fixed_alternatives", "parse_curve", "run_epochs"]
 
 SUBSET_SEED = 1234  # the same training subset for every seed and arm
 MODELS = {"convnet": small_convnet, "resnet8": cifar_resnet}
@@ -115,6 +116,23 @@ def run_epochs(
         noisy=noisy,
         trajectory=trajectory,
     )
+
+
+def fixed_alternatives(setup: EpochSetup) -> dict[str, dict[str, Any]]:
+    """The tuned fixed baseline's other batch sizes, 4x smaller and 4x larger, each with the
+    learning rate scaled by the square-root rule: run name -> ``run_epochs`` overrides.
+
+    Example:
+        >>> {name: o["optimizer"]["lr"] for name, o in fixed_alternatives(EpochSetup()).items()}
+        {'fixed-32': 0.05, 'fixed-512': 0.2}
+    """
+    base = setup.optimizer["lr"]
+    return {
+        f"fixed-{size}": {
+            "optimizer": setup.optimizer | {"lr": base * math.sqrt(size / setup.batch_size)}
+        }
+        for size in (setup.batch_size // 4, setup.batch_size * 4)
+    }
 
 
 def curve_cell(result: RunResult) -> str:

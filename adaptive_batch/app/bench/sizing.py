@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import bisect
 import itertools
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from adaptive_batch.optional import require
 
 from .cifar import CifarData
 from .common import Results, floats, markdown_table, mean_std, reached_cell
-from .schedule import EpochSetup, curve_cell, parse_curve, run_epochs
+from .schedule import EpochSetup, curve_cell, fixed_alternatives, parse_curve, run_epochs
 from .time_to_accuracy import setup_key
 
 __all__ = ["ARMS", "format_sizing", "parse_sizes", "projected_units", "run_lengths", "run_sizing"]
@@ -60,7 +59,6 @@ class SizingArm:
 
     run_as: str
     schedule: str = "cosine"
-    lr_scale: float = 1.0
     own_caps: bool = False  # the recipe's start and caps (the paper's), not SIZING_CAPS
     why: str = ""
 
@@ -81,17 +79,6 @@ ARMS: dict[str, SizingArm] = {
     "geodamp-cosine": SizingArm("geodamp", why="the cosine schedule, damped past the cap"),
     "arbiter": SizingArm("arbiter", own_caps=True, why="Arbiter's agent (8-512), cosine lr"),
 }
-
-
-SIZING_RUNS = {arm.run_as for arm in ARMS.values()}
-
-
-def fixed_arms(batch_size: int) -> dict[str, SizingArm]:
-    """The baseline and a 4x smaller and larger batch, learning rate by the square-root rule."""
-    arms = {"fixed": SizingArm("fixed")}
-    for size in (batch_size // 4, batch_size * 4):
-        arms[f"fixed-{size}"] = SizingArm(f"fixed-{size}", lr_scale=math.sqrt(size / batch_size))
-    return arms
 
 
 def run_lengths(sizes: Sequence[int]) -> str:
@@ -135,7 +122,8 @@ def run_sizing(
     """Every arm per seed, resumable: rows already in ``out_dir`` are not run again."""
     results = Results(out_dir, "sizing", FIELDS, key=("arm", "seed", "setup"))
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
-    every = fixed_arms(setup.batch_size) | ARMS
+    alternatives = fixed_alternatives(setup)  # the fixed batch 4x smaller and larger
+    every = {name: SizingArm(name) for name in ("fixed", *alternatives)} | ARMS
     names = ["fixed", *[a for a in arms if a != "fixed"]]
     unknown = [a for a in names if a not in every]
     if unknown:
@@ -156,12 +144,8 @@ def run_sizing(
     ) as progress:
         for seed, name in pending:
             arm = every[name]
-            overrides: dict[str, Any] = {"schedule": arm.schedule}
-            if arm.lr_scale != 1.0:
-                overrides["optimizer"] = setup.optimizer | {
-                    "lr": setup.optimizer["lr"] * arm.lr_scale
-                }
-            if arm.run_as in SIZING_RUNS:
+            overrides: dict[str, Any] = {"schedule": arm.schedule, **alternatives.get(name, {})}
+            if name in ARMS:  # a sizing rule, fed by the training step
                 overrides["stage"] = "training_step"
                 if not arm.own_caps:
                     overrides["batch_caps"] = SIZING_CAPS

@@ -228,6 +228,7 @@ def _time_to_accuracy(
 def _sizing(
     out: Path, device: torch.device, quick: bool, args: argparse.Namespace, seeds, show: bool
 ) -> None:
+    from .schedule import fixed_alternatives
     from .sizing import ARMS, format_sizing, run_sizing
 
     data = _cifar(args, out, quick)
@@ -235,8 +236,7 @@ def _sizing(
     arms = (
         ("fixed", "geodamp")
         if quick
-        else args.sizing_arms
-        or ("fixed", f"fixed-{setup.batch_size // 4}", f"fixed-{setup.batch_size * 4}", *ARMS)
+        else args.sizing_arms or ("fixed", *fixed_alternatives(setup), *ARMS)
     )
     results = run_sizing(
         data, arms, seeds, setup=setup, out_dir=out, device=device, show_progress=show

@@ -32,6 +32,7 @@ from .common import Results, floats, markdown_table, mean_std, reached_cell
 from .schedule import EpochSetup, curve_cell, parse_curve, run_epochs
 
 __all__ = [
+    "control_run",
     "format_time_to_accuracy",
     "plain_samples_for",
     "plot_curves",
@@ -72,6 +73,20 @@ def setup_key(setup: EpochSetup) -> str:
 
 def control_name(kind: str, policy: str) -> str:
     return f"{kind}@{policy}"
+
+
+def control_run(kind: str, fraction: float, epochs: int) -> tuple[str, int | None]:
+    """How a control at ``fraction`` of the full run's samples runs: ``(run name, epochs)``
+    (``None``: the full schedule). ``"short"``: the fixed run over ``round(fraction * epochs)``
+    epochs; ``"rs2"``: RS2 at ``fraction`` over the full schedule.
+
+    Example:
+        >>> control_run("short", 0.74, 32), control_run("rs2", 0.74, 32)
+        (('fixed', 24), ('rs2-0.7400', None))
+    """
+    if kind == "short":
+        return "fixed", max(1, round(fraction * epochs))
+    return f"rs2-{fraction:.4f}", None
 
 
 def run_time_to_accuracy(
@@ -120,18 +135,11 @@ def run_time_to_accuracy(
                     if fraction > CONTROL_BELOW:  # no control needed: counted, so step over it
                         progress.update(setup.epochs * images)
                         continue
-                    if kind == "short":
-                        epochs = max(1, round(fraction * setup.epochs))
-                        _run_arm(
-                            results, data, name, "fixed", seed, setup, device, progress, out_dir,
-                            epochs=epochs, fraction=fraction,
-                        )  # fmt: skip
-                    else:
-                        run_as = f"rs2-{fraction:.4f}"
-                        _run_arm(
-                            results, data, name, run_as, seed, setup, device, progress, out_dir,
-                            fraction=fraction,
-                        )  # fmt: skip
+                    run_as, epochs = control_run(kind, fraction, setup.epochs)
+                    _run_arm(
+                        results, data, name, run_as, seed, setup, device, progress, out_dir,
+                        epochs=epochs, fraction=fraction,
+                    )  # fmt: skip
     return results
 
 
