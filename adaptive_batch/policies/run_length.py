@@ -36,7 +36,7 @@ class RunLength:
         name = type(self).__name__
         if not self.anneals:
             return
-        said = self.__dict__.setdefault("_said", set())
+        said = self._said
         if self.num_epochs is None and "unset" not in said:
             said.add("unset")
             warnings.warn(

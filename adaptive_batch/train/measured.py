@@ -18,6 +18,7 @@ from ..contract import Feedback, Reason
 from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
 from ..probe import HeadLoss, check_model_output, gradient_moments, to_device
 from .transfer import HostCopy
+from .weighted_loss import YieldedRows
 
 __all__ = [
     "STAT_NAMES",
@@ -33,22 +34,18 @@ __all__ = [
 ]
 
 
-@dataclass
-class PendingBatch:
-    """The batch last yielded, and what the training forward showed of it."""
+@dataclass(kw_only=True)
+class PendingBatch(YieldedRows):
+    """The batch last yielded (its rows and plan weights), and what the training forward showed
+    of it."""
 
-    indices: Tensor
     targets: Any
-    rows: int
     features: list[Tensor] = field(default_factory=list)  # when statistics are wanted
     outputs: list[Tensor] = field(default_factory=list)
     part_losses: list[Tensor] = field(default_factory=list)  # else: losses, computed at once
     captured: int = 0
     losses: Tensor | None = None  # reported directly (report_losses)
     thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
-    weights: Tensor | None = None
-    weight_offset: int = 0
-    weighed: bool = False  # whether the step's loss went through WeightedLoss
     skipped: str = ""  # why a forward of the head did not count (the warning says it)
     last_output: Tensor | None = None  # the head's output (detached), for the one output check
     kept_parts: list[Tensor] = field(default_factory=list)  # an in-batch rule's masks, in order
@@ -94,11 +91,8 @@ class InTransit:
         if self.copy is None:
             return Feedback(self.indices, empty, Reason.UNMEASURED, {"loss": math.nan})
         host = self.copy.result()
-        losses = host[self.stats :]
-        if self.selected:
-            rows = self.indices.numel()
-            losses, kept = losses[:rows], losses[rows:] > 0.5
-            return self._selected(stage, losses, kept, host[: self.stats])
+        rows = self.indices.numel()
+        losses = host[self.stats : self.stats + rows]
         values = losses.numpy()
         finite = np.isfinite(values)
         if not finite.all():
@@ -106,29 +100,19 @@ class InTransit:
         if self.stats:
             stats = dict(zip(STAT_NAMES, host[: self.stats].tolist(), strict=True))
         else:
-            stats = {
-                "loss": float(np.add.reduce(values, dtype=np.float64)) / values.size
+            mean = (
+                float(np.add.reduce(values, dtype=np.float64)) / values.size
                 if values.size
                 else math.nan
-            }
+            )
+            stats = {"loss": mean}
+        if self.selected:  # an in-batch rule chose: the kept, then the dropped
+            kept = host[self.stats + rows :] > 0.5
+            stats["kept_fraction"] = float(kept.float().mean())
+            order = torch.cat([losses[kept], losses[~kept]])
+            return Feedback(self.indices[kept], self.indices[~kept], Reason.SELECTED, stats, order)
         reason = Reason.KEEP_ALL if math.isfinite(stats["loss"]) else Reason.NONFINITE
         return Feedback(self.indices, empty, reason, stats, losses=losses)
-
-    def _selected(self, stage: _Warns, losses: Tensor, kept: Tensor, stats: Tensor) -> Feedback:
-        """The feedback of a batch an in-batch rule chose from: the kept, then the dropped."""
-        finite = losses.isfinite()
-        if not bool(finite.all()):
-            stage.warn_nonfinite(int((~finite).sum()), losses.numel())
-        named = dict(zip(STAT_NAMES, stats.tolist(), strict=False))
-        named.setdefault("loss", float(losses.mean()) if losses.numel() else math.nan)
-        named["kept_fraction"] = float(kept.float().mean())
-        return Feedback(
-            self.indices[kept],
-            self.indices[~kept],
-            Reason.SELECTED,
-            named,
-            losses=torch.cat([losses[kept], losses[~kept]]),
-        )
 
 
 def tensors_in(output: Any) -> list[Tensor]:

@@ -220,7 +220,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         trained) and return it without its indices."""
         indices, batch = split_indexed(batch, required=True)
         assert indices is not None
-        pending = PendingBatch(indices, get_field(batch, self.targets), indices.numel())
+        pending = PendingBatch(indices, indices.numel(), targets=get_field(batch, self.targets))
         if self.fetched_ahead:
             self._ahead.append(pending)
         else:

@@ -62,13 +62,14 @@ class PlanWeights:
     """Mixin of the stages (:class:`~adaptive_batch.StepFeedback`,
     :class:`~adaptive_batch.SubsetFilter`): the epoch plan's weights of the batch just yielded,
     and an in-batch rule's choice, for :class:`WeightedLoss`. A stage says which rows it yielded
-    last with ``_yielded_rows()`` (a :class:`YieldedRows` or anything with its attributes)."""
+    last with ``_yielded_rows()`` (a :class:`YieldedRows`; StepFeedback's ``PendingBatch`` is one,
+    with the in-batch rule's ``kept_parts``)."""
 
     sampler: Any
     in_batch: Any = None
     _warned: set[str]
 
-    def _yielded_rows(self) -> Any: ...
+    def _yielded_rows(self) -> YieldedRows | None: ...
 
     def batch_weights(self) -> Tensor | None:
         """The epoch plan's training weights of the batch just yielded (``None``: all 1)."""
@@ -108,7 +109,7 @@ class PlanWeights:
         pending.kept_rows += kept
         return mask, kept
 
-    def _check_plan_weights_used(self, pending: Any) -> None:
+    def _check_plan_weights_used(self, pending: YieldedRows) -> None:
         """Until the first batch whose epoch plan weighs it: say once if those weights never
         reached the loss (the loss did not go through ``batches.weighted``)."""
         if "plan_weights" in self._warned:
