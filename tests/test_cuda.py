@@ -9,21 +9,15 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from adaptive_batch import AdaptiveBatchSampler, IndexedSample, StepFeedback, SubsetFilter
 from adaptive_batch.policies import GradientNoiseScale, InfoBatch, SmallLoss
+
+from .synthetic import features_of, steady_stage
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 DATASET, BATCH = 10_000, 64
-
-
-def _batch(indices: list[int]) -> IndexedSample:
-    index = torch.tensor(indices)
-    x = torch.sin(index.float()[:, None] * torch.linspace(0.01, 1, 8))
-    return IndexedSample(index, (x.pin_memory(), (index % 4).pin_memory()))
 
 
 def _steps(stage_kind: str, policy, steps: int, sync_mode: str) -> list[warnings.WarningMessage]:
@@ -31,23 +25,10 @@ def _steps(stage_kind: str, policy, steps: int, sync_mode: str) -> list[warnings
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4)).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = AdaptiveBatchSampler(
-        DATASET, policy=policy, batch_size=BATCH, min_batch_size=BATCH, max_batch_size=BATCH
-    )
-    if stage_kind == "step":
-        stage = StepFeedback(None, model, sampler=sampler)
-        loss_fn = stage.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
-    else:
-        stage = SubsetFilter(None, model, sampler=sampler)
-        loss_fn = F.cross_entropy
-    state = sampler.state_dict()  # past the first epoch: every index scored, the plan prunes
-    state["ledger"]["losses"] = torch.rand(DATASET)
-    sampler.load_state_dict(state)
-    sampler.set_epoch(1)
-    handed = iter(sampler)
+    sampler, stage, loss_fn, handed = steady_stage(DATASET, policy, BATCH, stage_kind, model)
 
     def step() -> None:
-        item = _batch(next(handed))
+        item = features_of(next(handed), pin=True)
         x, y = stage.hand_out(item) if stage_kind == "step" else stage.filter_batch(item)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad()

@@ -9,13 +9,14 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from adaptive_batch import AdaptiveBatchSampler, IndexedSample, StepFeedback, SubsetFilter
+from adaptive_batch import AdaptiveBatchSampler
 from adaptive_batch.policies import GradientNoiseScale, InfoBatch, SmallLoss, StaleSelectiveBackprop
+
+from .synthetic import features_of, steady_stage
 
 DATASET, BATCH = 300_000, 32
 #: What a step may touch: a fixed multiple of the batch (the look-ahead probe's Gram matrix is
@@ -63,12 +64,6 @@ def _record_numpy_columns(sampler: AdaptiveBatchSampler) -> None:
         setattr(ledger, name, getattr(ledger, name).view(RecordingArray))
 
 
-def _batch(indices: list[int]) -> IndexedSample:
-    index = torch.tensor(indices)
-    x = torch.sin(index.float()[:, None] * torch.linspace(0.01, 1, 8))
-    return IndexedSample(index, (x, index % 4))
-
-
 @pytest.mark.parametrize(
     ("policy", "stage"),
     [
@@ -85,24 +80,10 @@ def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    sampler = AdaptiveBatchSampler(
-        DATASET, policy=policy, batch_size=BATCH, min_batch_size=BATCH, max_batch_size=BATCH
-    )
-    if stage == "step":
-        batches = StepFeedback(None, model, sampler=sampler)
-        loss_fn = batches.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
-    else:
-        batches = SubsetFilter(None, model, sampler=sampler)
-        loss_fn = F.cross_entropy
-    # Past the first epoch: every index has a loss, so the plan prunes and weighs.
-    state = sampler.state_dict()
-    state["ledger"]["losses"] = torch.rand(DATASET)
-    sampler.load_state_dict(state)
-    sampler.set_epoch(1)
-    handed = iter(sampler)
+    sampler, batches, loss_fn, handed = steady_stage(DATASET, policy, BATCH, stage, model)
 
     def step() -> None:
-        item = _batch(next(handed))
+        item = features_of(next(handed))
         x, y = batches.hand_out(item) if stage == "step" else batches.filter_batch(item)
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
