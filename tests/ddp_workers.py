@@ -176,3 +176,163 @@ def planned_training(rank: int, world: int, port: int, results) -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def counted_collectives(rank: int, world: int, port: int, results) -> None:
+    """GNS sizing fed by the training step on two ranks, counting the sampler's collectives: one
+    tensor gather per step, pickling only once per epoch (the pass's start)."""
+    from adaptive_batch.policies import GradientNoiseScale
+
+    try:
+        _init(rank, world, port)
+        counts = {"all_gather": 0, "all_gather_object": 0}
+        for name in counts:
+            original = getattr(dist, name)
+
+            def counted(*args, _name=name, _original=original, **kwargs):
+                counts[_name] += 1
+                return _original(*args, **kwargs)
+
+            setattr(dist, name, counted)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        ddp = DistributedDataParallel(model)
+        data = _data()
+        sampler = AdaptiveBatchSampler(
+            data, policy=GradientNoiseScale(), batch_size=8, min_batch_size=4, max_batch_size=40
+        )
+        batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
+        optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+        report = {"steps": [], "sizes": [], "gathers": [], "objects": [], "tables": []}
+        for _ in range(3):
+            before = dict(counts)
+            steps = 0
+            for x, y in batches:
+                report["sizes"].append(len(y))
+                optimizer.zero_grad()
+                F.cross_entropy(ddp(x), y).backward()
+                optimizer.step()
+                steps += 1
+            batches.flush()
+            report["steps"].append(steps)
+            report["gathers"].append(counts["all_gather"] - before["all_gather"])
+            report["objects"].append(counts["all_gather_object"] - before["all_gather_object"])
+        state = sampler.state_dict()  # waits for what is in flight
+        ledger = sampler.ledger
+        report["tables"] = hashlib.sha1(
+            ledger.losses.nan_to_num(-1).numpy().tobytes() + ledger.times_kept.numpy().tobytes()
+        ).hexdigest()
+        report["candidates"] = ledger.num_candidates
+        report["sizer"] = repr(state["sizer"])
+        results.put((rank, "ok", report))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def unframeable_feedback(rank: int, world: int, port: int, results) -> None:
+    """Feedback the frames cannot carry (statistics named differently on each rank, a reason of
+    the user's own, more candidates than a batch holds) is swapped as objects, nothing lost."""
+    from adaptive_batch import Feedback
+
+    try:
+        _init(rank, world, port)
+        sampler = AdaptiveBatchSampler(
+            40, batch_size=4, min_batch_size=2, max_batch_size=4, shuffle=False
+        )
+        sampler.register_reporter(object())
+        held: list[int] = []
+        for step, batch in enumerate(sampler):
+            if step == 2:  # reported with the next one: 8 candidates, more than a frame holds
+                held = batch
+                continue
+            kept = torch.tensor(held + batch)
+            held = []
+            stats = {f"rank{rank}": 1.0} if step % 3 == 0 else {"loss": float(step)}
+            reason = "mine" if step % 3 == 1 else "keep_all"
+            losses = kept.double() / 100
+            sampler.feedback(
+                Feedback(kept, torch.empty(0, dtype=torch.long), reason, stats, losses)
+            )
+        sampler.state_dict()
+        ledger = sampler.ledger
+        report = {
+            "candidates": ledger.num_candidates,
+            "kept": ledger.times_kept.tolist(),
+            "losses": ledger.losses.tolist(),
+        }
+        results.put((rank, "ok", report))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resumed_mid_epoch(rank: int, world: int, port: int, results) -> None:
+    """GNS fed by the training step on two ranks, checkpointed mid-epoch: the resumed run draws
+    the same batches at the same sizes as the uninterrupted one (the feedback still on its way
+    between the ranks when the checkpoint was taken is part of it)."""
+    import copy
+
+    from adaptive_batch.policies import GradientNoiseScale
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+        ddp = DistributedDataParallel(model)
+        data = _data()
+        sampler = AdaptiveBatchSampler(
+            data, policy=GradientNoiseScale(), batch_size=8, min_batch_size=4, max_batch_size=40
+        )
+        batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
+        return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), sampler, batches
+
+    def train(ddp, optimizer, batches, log, stop=None):
+        for x, y in batches:
+            log.append(batches.current_indices.tolist())
+            optimizer.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+            if len(log) == stop:
+                return True
+        return False
+
+    try:
+        _init(rank, world, port)
+        ddp, optimizer, sampler, batches = build()
+        expected: list = []
+        for _ in range(2):
+            train(ddp, optimizer, batches, expected)
+        ddp, optimizer, sampler, batches = build()
+        log: list = []
+        train(ddp, optimizer, batches, log, stop=7)
+        state = copy.deepcopy(
+            {
+                "model": ddp.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "sampler": sampler.state_dict(),
+                "stage": batches.state_dict(),
+            }
+        )
+        in_transit = len(state["sampler"]["in_transit"])
+        ddp, optimizer, sampler, batches = build()
+        ddp.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.load_state_dict(state["sampler"])
+        batches.load_state_dict(state["stage"])
+        while len(log) < len(expected):
+            train(ddp, optimizer, batches, log)
+        report = {
+            "same": log == expected,
+            "sizes": sorted({len(b) for b in expected}),
+            "in_transit": in_transit,
+        }
+        results.put((rank, "ok", report))
+    except Exception:
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -106,18 +106,18 @@ def trainer(root: Path, devices: int = 1, **kwargs) -> L.Trainer:
     )
 
 
-def uninterrupted_and_resumed(stage: str, root: Path, devices: int = 1) -> tuple[list, list, int]:
-    """(rows of the uninterrupted run, rows after resuming from its step-CHECKPOINT_EVERY
-    checkpoint, that step)."""
-    every = ModelCheckpoint(
-        dirpath=root / "checkpoints", every_n_train_steps=CHECKPOINT_EVERY, save_top_k=-1
-    )
+def uninterrupted_and_resumed(
+    stage: str, root: Path, devices: int = 1, step: int = CHECKPOINT_EVERY
+) -> tuple[list, list, int]:
+    """(rows of the uninterrupted run, rows after resuming from its checkpoint at ``step``, that
+    step)."""
+    every = ModelCheckpoint(dirpath=root / "checkpoints", every_n_train_steps=step, save_top_k=-1)
     first = Classifier(stage)
     trainer(root, devices, callbacks=[every], checkpoints=True).fit(first)
-    checkpoint = next((root / "checkpoints").glob(f"*step={CHECKPOINT_EVERY}.ckpt"))
+    checkpoint = next((root / "checkpoints").glob(f"*step={step}.ckpt"))
     resumed = Classifier(stage)
     trainer(root / "resumed", devices).fit(resumed, ckpt_path=str(checkpoint))
-    return first.log_rows, resumed.log_rows, CHECKPOINT_EVERY
+    return first.log_rows, resumed.log_rows, step
 
 
 def main() -> None:

@@ -13,9 +13,18 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from adaptive_batch import AdaptiveBatchSampler, Feedback
+from adaptive_batch import AdaptiveBatchSampler, Feedback, Reason
 from adaptive_batch.policies import EDBA
+from adaptive_batch.sample.rank_frames import (
+    STATS,
+    decode_frame,
+    encode_frame,
+    frame_size,
+    stats_key,
+)
 
 from . import ddp_workers
 
@@ -160,3 +169,83 @@ def test_sampler_state_records_the_replica_count():
     kept = torch.tensor([0])
     with pytest.raises(ValueError):
         AdaptiveBatchSampler(100).feedback(Feedback(kept, kept[:0]))
+
+
+def test_a_step_swaps_one_tensor_and_pickles_nothing():
+    out = spawn(ddp_workers.counted_collectives)
+    for rank, (status, payload) in out.items():
+        assert status == "ok", f"rank {rank}: {payload}"
+    first, second = out[0][1], out[1][1]
+    for key in ("steps", "sizes", "tables", "candidates", "sizer"):
+        assert first[key] == second[key], key
+    assert len(set(first["sizes"])) > 1  # GNS did resize
+    assert first["candidates"] == 3 * 240
+    for epoch, steps in enumerate(first["steps"]):
+        # a frame per step, one at the epoch's end and (after the first) one at its start
+        assert first["gathers"][epoch] == steps + 1 + (epoch > 0), first
+        assert first["objects"][epoch] == 1, first  # the start's configuration check only
+
+
+def test_feedback_a_frame_cannot_carry_is_swapped_whole():
+    out = spawn(ddp_workers.unframeable_feedback)
+    for rank, (status, payload) in out.items():
+        assert status == "ok", f"rank {rank}: {payload}"
+    first, second = out[0][1], out[1][1]
+    assert first == second
+    assert first["candidates"] == 40  # both ranks' 20 indices, the 8-candidate report too
+    assert first["kept"] == [1] * 40
+    assert first["losses"] == pytest.approx([i / 100 for i in range(40)])
+
+
+@settings(max_examples=60)
+@given(
+    indices=st.lists(st.integers(0, 2**40), min_size=1, max_size=12, unique=True),
+    num_kept=st.integers(0, 12),
+    stats=st.dictionaries(st.text(min_size=1, max_size=6), st.floats(allow_nan=False), max_size=5),
+    with_losses=st.booleans(),
+    reason=st.sampled_from(Reason.ALL),
+)
+def test_a_frame_carries_a_feedback_exactly(indices, num_kept, stats, with_losses, reason):
+    num_kept = min(num_kept, len(indices))
+    kept, dropped = torch.tensor(indices[:num_kept]), torch.tensor(indices[num_kept:])
+    dropped = dropped.to(torch.long)
+    losses = torch.rand(len(indices)) if with_losses else None
+    feedback = Feedback(kept.to(torch.long), dropped, reason, stats, losses)
+    frame = encode_frame("feedback", 1, (7, 0, 0), 12, feedback)
+    assert frame.shape == (frame_size(12),)  # the same for every feedback: one gather fits all
+    decoded = decode_frame(frame.numpy(), 12, sorted(stats))
+    assert (decoded.kind, decoded.rank, decoded.counters, decoded.fits) == (
+        "feedback",
+        1,
+        (7, 0, 0),
+        True,
+    )
+    assert decoded.kept.tolist() == indices[:num_kept]
+    assert decoded.dropped.tolist() == indices[num_kept:]
+    assert decoded.reason == reason and decoded.stats == stats
+    if with_losses:
+        assert decoded.losses.tolist() == losses.tolist()
+    else:
+        assert decoded.losses is None
+    assert decoded.stats_key == stats_key(sorted(stats))
+
+
+def test_a_frame_marks_what_it_cannot_carry():
+    def fits(count: int, capacity: int, reason: str = Reason.KEEP_ALL, stats=None) -> bool:
+        indices = torch.arange(count)
+        feedback = Feedback(indices, torch.empty(0, dtype=torch.long), reason, stats or {})
+        frame = encode_frame("feedback", 0, (1, 0, 0), capacity, feedback)
+        return decode_frame(frame.numpy(), capacity, sorted(stats or {})).fits
+
+    assert fits(6, 6) and not fits(7, 6)
+    assert not fits(2, 6, reason="a reason of the user's own")
+    assert not fits(2, 6, stats={f"s{i}": 1.0 for i in range(STATS + 1)})
+
+
+def test_a_checkpoint_mid_epoch_resumes_the_same_batches_on_every_rank():
+    out = spawn(ddp_workers.resumed_mid_epoch)
+    for rank, (status, payload) in out.items():
+        assert status == "ok", f"rank {rank}: {payload}"
+        assert payload["same"], payload
+        assert len(payload["sizes"]) > 1  # GNS resized
+        assert payload["in_transit"] == 1  # a step's feedback was between the ranks

@@ -65,6 +65,17 @@ def test_a_checkpoint_resume_continues_the_same_batches(tmp_path, stage):
         assert got["losses"] == pytest.approx(expected["losses"], rel=1e-5, abs=1e-6)
 
 
+def test_a_checkpoint_after_an_epochs_last_batch_resumes_with_the_next_epoch(tmp_path):
+    # Lightning restores such a checkpoint as the epoch's end and iterates the next epoch at
+    # once: the sampler must not hand it the (empty) rest of the saved one.
+    module = Classifier("training_step")
+    trainer(tmp_path / "lengths").fit(module)
+    first_epoch = sum(row["epoch"] == 0 for row in module.log_rows)
+    first, resumed, step = uninterrupted_and_resumed("training_step", tmp_path, step=first_epoch)
+    assert step == first_epoch and len(resumed) == len(first) - step > 0
+    assert [r["indices"] for r in resumed] == [r["indices"] for r in first[step:]]
+
+
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_under_ddp_agree_and_resume(tmp_path, stage):
     done = subprocess.run(

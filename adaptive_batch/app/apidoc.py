@@ -52,12 +52,19 @@ def _signature(name: str, obj: Any) -> str:
 
 
 def _methods(cls: type) -> list[tuple[str, Any]]:
-    out = []
-    for name, member in vars(cls).items():
-        if name.startswith("_") and name not in ("__call__", "__iter__", "__len__"):
-            continue
-        if (callable(member) or isinstance(member, property)) and inspect.getdoc(member):
-            out.append((name, member))
+    """The documented members of ``cls`` and of the library's own mixins it is built from (not
+    its deprecated names), each once."""
+    out, seen = [], set()
+    own = [c for c in cls.__mro__ if c.__module__.startswith("adaptive_batch")]
+    for base in (c for c in own if c is cls or not c.__module__.endswith("deprecated")):
+        for name, member in vars(base).items():
+            if name in seen or (
+                name.startswith("_") and name not in ("__call__", "__iter__", "__len__")
+            ):
+                continue
+            seen.add(name)
+            if (callable(member) or isinstance(member, property)) and inspect.getdoc(member):
+                out.append((name, member))
     return out
 
 

@@ -108,6 +108,11 @@ def trainer_state(sampler: Any, own: dict[str, Any]) -> dict[str, Any]:
 def load_trainer_state(sampler: Any, state: dict[str, Any]) -> dict[str, Any]:
     """Load the sampler's part of a trainer-driven stage's state; return this rank's own part."""
     sampler.load_state_dict(state[SAMPLER_STATE_KEY])
+    # A trainer takes a checkpoint saved after an epoch's last batch as that epoch's end and
+    # starts the next one, creating its iterator at once: a pass with nothing left to draw is not
+    # resumed then (a plain loop finishes the empty pass itself).
+    if hasattr(sampler, "next_epoch") and callable(getattr(sampler, "set_epoch", None)):
+        sampler.set_epoch(sampler.next_epoch)
     ranks, rank = state[RANK_STATES_KEY], getattr(sampler, "rank", 0)
     if rank >= len(ranks):
         raise AdaptiveBatchError(

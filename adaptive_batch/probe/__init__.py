@@ -26,12 +26,14 @@ from .losses import (
     sequence_cross_entropy,
 )
 from .per_sample import PerSampleGradients
+from .transfer import HostCopy
 
 __all__ = [
     "CLOSED_FORMS",
     "LOSSES",
     "HeadLoss",
     "HeadProbe",
+    "HostCopy",
     "LossFn",
     "PerSampleGradients",
     "call_model",

@@ -82,6 +82,7 @@ class SamplerCheckpoint:
 
     VERSION_KEY, CONFIG_KEY, EPOCH_KEY, PASS_KEY = "version", "config", "epoch", "pass"
     SIZER_KEY, LEDGER_KEY, TAILS_KEY, ORDER_KEY = "sizer", "ledger", "num_dropped_tails", "order"
+    IN_TRANSIT_KEY = "in_transit"
 
     def feedback_state_dict(self) -> dict[str, Any]:
         """The feedback side: the sizing rule, the current size and the per-index counts. With
@@ -91,15 +92,18 @@ class SamplerCheckpoint:
             self.VERSION_KEY: VERSION,
             self.CONFIG_KEY: sampler_config(self),
             self.SIZER_KEY: self.sizer.state_dict(),
-            self.LEDGER_KEY: self.ledger.state_dict(),
+            self.LEDGER_KEY: self._table.state_dict(),
             self.TAILS_KEY: self.num_dropped_tails,
+            # DDP: every rank's feedback sent but not applied yet (applied where the run would)
+            self.IN_TRANSIT_KEY: self.receiver.in_transit_state(),
         }
 
     def load_feedback_state_dict(self, state: dict[str, Any]) -> None:
         state = check_state(state, sampler_config(self))
         self.sizer.load_state_dict(state[self.SIZER_KEY])
-        self.ledger.load_state_dict(state[self.LEDGER_KEY])
+        self._table.load_state_dict(state[self.LEDGER_KEY])
         self.num_dropped_tails = state[self.TAILS_KEY]
+        self.receiver.load_in_transit_state(state.get(self.IN_TRANSIT_KEY, []))
 
     def state_dict(self) -> dict[str, Any]:
         """The epoch, the position of the pass that handed out the latest batch and, without a
@@ -130,10 +134,11 @@ class SamplerCheckpoint:
         state = check_state(state, sampler_config(self))
         if self.chunk_size is None:
             self.load_feedback_state_dict(state)
-        self.ledger.clear_in_flight()
+        self._table.clear_in_flight()
         self._chunks.clear()
         self.order.load_state_dict(state.get(self.ORDER_KEY, {}))
         self._epoch, self.active, self._pending = state[self.EPOCH_KEY], None, None
+        self._loaded = True
         if (saved := state[self.PASS_KEY]) is not None:
             self._pending = SamplerPass(
                 self,

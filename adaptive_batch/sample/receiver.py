@@ -8,6 +8,7 @@ listeners, and the exchange of feedback between ranks; it asks the sampler's
 from __future__ import annotations
 
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from ..contract import Feedback, Progress
 from ..errors import AdaptiveBatchTypeError
-from .distributed import RankSync, cpu_feedback, merge_for_sizing
+from .distributed import RankSync, merge_for_sizing
 from .ledger import FeedbackLedger, as_index_array
 from .sizer import BatchSizer
 
@@ -53,6 +54,7 @@ class FeedbackReceiver:
         self.sync: RankSync | None = None  # set by the sampler under DDP
         self.num_reporters = 0
         self.last_feedback: Feedback | None = None
+        self._sent: deque[tuple[int, int, int]] = deque()  # DDP: context of each step not applied
         self._flushers: list[weakref.ref[Any]] = []
         self._listeners: list[Listener] = []
 
@@ -92,25 +94,75 @@ class FeedbackReceiver:
     # -- per batch -------------------------------------------------------------------------------
 
     def receive(self, sampler: Any, feedback: Feedback, exchange: bool) -> None:
-        """Record ``feedback`` (gathered from every rank when ``exchange``), size the next batch,
-        tell the listeners."""
+        """Record ``feedback``, size the next batch, tell the listeners. With ``exchange`` under
+        DDP the feedback goes to every rank instead, and every rank's is recorded and sized from
+        when the next one is sent (or a pass starts, a plan is drawn: :meth:`apply_arrived`)."""
         kept, dropped = as_index_array(feedback.kept), as_index_array(feedback.dropped)
         self.ledger.settle(kept if not dropped.size else np.concatenate([kept, dropped]))
+        self.last_feedback = feedback
         if exchange and self.sync is not None:
-            local = cpu_feedback(feedback)
-            items = self.sync.feedback(local, self.ledger.num_feedback)
+            self.apply_arrived()
+            self._sent.append(self._context())  # the sizing rule sees the step as it was sent
+            self.sync.feedback(feedback, self.ledger.num_feedback)
+        else:
+            self.ledger.record(kept, dropped, _losses_array(feedback))
+            self._size_next(feedback, self._context())
+        for listener in self._listeners:
+            listener(sampler, feedback)
+
+    def apply_arrived(self) -> None:
+        """Record and size from every rank's feedback sent so far (DDP; waits for it)."""
+        if self.sync is not None:
+            self._apply(self.sync.take())
+
+    def _apply(self, steps: list[list[Feedback]]) -> None:
+        for items in steps:
             for item in items:
                 self.ledger.record(
                     as_index_array(item.kept), as_index_array(item.dropped), _losses_array(item)
                 )
-            merged = merge_for_sizing(items)
+            self._size_next(merge_for_sizing(items), self._sent.popleft())
+
+    # -- checkpoints: what has arrived but is not applied yet is part of the state ----------------
+
+    def in_transit_state(self) -> list[dict[str, Any]]:
+        """Every rank's feedback sent but not applied yet (waits for it), and where the run was
+        when it was sent, as plain data."""
+        if self.sync is None:
+            return []
+        self.sync.finish()
+        return [
+            {"ranks": [_as_plain(item) for item in items], "sent": list(sent)}
+            for items, sent in zip(self.sync.arrived, self._sent, strict=True)
+        ]
+
+    def load_in_transit_state(self, steps: list[dict[str, Any]]) -> None:
+        arrived = [[Feedback(**item) for item in step["ranks"]] for step in steps]
+        if self.sync is not None:
+            self.sync.take()  # what was on its way belongs to the run being replaced
+        self._sent = deque(tuple(step["sent"]) for step in steps)
+        if self.sync is None:  # saved under DDP, resumed on one process: apply it now
+            self._apply(arrived)
         else:
-            self.ledger.record(kept, dropped, _losses_array(feedback))
-            merged = feedback
-        self.last_feedback = feedback
+            self.sync.arrived = arrived
+
+    def _context(self) -> tuple[int, int, int]:
+        """What a sizing rule reads beside a feedback: feedback calls so far and the epoch's
+        size (this rank's share, all ranks')."""
+        return (self.ledger.num_feedback, *self.epoch_size())
+
+    def _size_next(self, feedback: Feedback, context: tuple[int, int, int]) -> None:
         if self.sizer.rule is not None:
-            share, whole = self.epoch_size()
-            progress = Progress(self.ledger.num_feedback, self.ledger.num_candidates, whole)
-            self.sizer.update(merged, progress, share)
-        for listener in self._listeners:
-            listener(sampler, feedback)
+            updates, share, whole = context
+            progress = Progress(updates, self.ledger.num_candidates, whole)
+            self.sizer.update(feedback, progress, share)
+
+
+def _as_plain(feedback: Feedback) -> dict[str, Any]:
+    return {
+        "kept": feedback.kept,
+        "dropped": feedback.dropped,
+        "reason": str(feedback.reason),
+        "stats": dict(feedback.stats),
+        "losses": feedback.losses,
+    }

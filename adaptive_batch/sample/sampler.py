@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence, Sized
+from collections.abc import Sequence, Sized
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ..contract import Feedback, GradientNoise, plan_rule_of, sizing_rule_of
+from ..contract import plan_rule_of, sizing_rule_of
 from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from .buckets import SizeBuckets, as_buckets
 from .checkpoint import SamplerCheckpoint, sampler_config
 from .chunks import ChunksInFlight
 from .deprecated import SamplerDeprecations, warn_max_in_flight
 from .distributed import RankSync, resolve_replicas
+from .feedback_side import SamplerFeedbackSide
 from .ledger import as_index_array
 from .order import IndexOrder
 from .passes import SamplerPass
@@ -27,7 +27,9 @@ from .sizer import BatchSizer
 __all__ = ["AdaptiveBatchSampler"]
 
 
-class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[int]]):
+class AdaptiveBatchSampler(
+    SamplerCheckpoint, SamplerFeedbackSide, SamplerDeprecations, Sampler[list[int]]
+):
     """Yields batches of dataset indices whose size a sizing rule adapts from feedback.
 
     Use it as ``DataLoader(dataset, batch_sampler=sampler)``; a
@@ -109,7 +111,11 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         )  # fmt: skip
         self.receiver = FeedbackReceiver(size, self.sizer, self._epoch_sizes)
         self._agreed, self._warned = False, set[str]()
-        self.sync = RankSync.for_sampler(self.num_replicas, self.rank, self.expects_feedback)
+        self._loaded = False  # whether no pass has started since load_state_dict
+        self.sync = RankSync.for_sampler(
+            self.num_replicas, self.rank, self.expects_feedback,
+            capacity=self.sizer.max_batch_size + self.sizer.min_batch_size,  # a folded tail's most
+        )  # fmt: skip
         self.receiver.sync = self.sync
         self._chunks = ChunksInFlight()  # chunk mode: where each chunk's pass ends
         self._epoch = 0  # what the next fresh pass draws
@@ -129,15 +135,6 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
     planning = property(lambda self: self.order.rule, doc="The policy's epoch-plan rule, or None.")
     is_adaptive = property(lambda self: self.sizer.is_adaptive, doc="Whether sizes can change.")
     indices = property(lambda self: self.order.indices, doc="The index set.")
-    ledger = property(lambda self: self.receiver.ledger, doc="The per-index feedback table.")
-    last_feedback = property(lambda self: self.receiver.last_feedback, doc="The latest feedback.")
-    times_kept = property(lambda self: self.ledger.times_kept, doc="Per index: times kept.")
-    times_dropped = property(lambda self: self.ledger.times_dropped, doc="Per index: dropped.")
-    num_feedback = property(lambda self: self.ledger.num_feedback, doc="Feedback calls received.")
-    num_candidates = property(
-        lambda self: self.ledger.num_candidates, doc="Candidates fed back (over all ranks)."
-    )
-    num_kept = property(lambda self: self.ledger.num_kept, doc="Candidates kept (over all ranks).")
     requested_batch_size = property(
         lambda self: self.sizer.requested,
         doc="The sizing rule's last answer before the caps (``+inf`` recorded as the largest size).",
@@ -166,25 +163,11 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         share = self.shard_size
         return share, share * self.num_replicas
 
-    def score_table_bytes(self) -> int:
-        """Bytes of the per-index feedback table (losses and counts): what the sampler keeps per
-        dataset index beyond the index order itself."""
-        return self.ledger.score_table_bytes()
-
     @property
     def batch_size(self) -> int:
         """The size the next batch is drawn at: never more than an epoch holds (an epoch's end
         may fold it, see :func:`~adaptive_batch.fold_tail`)."""
         return min(self.sizer.size, self.shard_size)
-
-    @property
-    def estimates_gradient_noise(self) -> bool:
-        return callable(getattr(self.sizer.rule, "noise_estimate", None))
-
-    @property
-    def gradient_noise(self) -> GradientNoise | None:
-        """The sizing rule's gradient-noise estimates, where it keeps them (else ``None``)."""
-        return self.sizer.rule.noise_estimate() if self.estimates_gradient_noise else None  # type: ignore[union-attr]
 
     # -- passes --------------------------------------------------------------------------------
 
@@ -228,7 +211,7 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         ``chunk_size`` the feedback is of batches assembled from the chunks, so none is counted
         against the chunks: whether the last chunk handed out awaits feedback tells (1 or 0)."""
         if self.chunk_size is not None:
-            return int(run.last_chunk is not None and self.ledger.awaiting(run.last_chunk))
+            return int(run.last_chunk is not None and self._table.awaiting(run.last_chunk))
         return max(run.batches - (self.num_feedback - run.reports_at_start), 0)
 
     def pass_started(self, run: SamplerPass) -> None:
@@ -251,9 +234,12 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
                 "after every batch",
             )
         run.reports_at_start = self.num_feedback
+        self.receiver.apply_arrived()  # the sizes and plan of the pass follow all feedback sent
         check_epoch = getattr(self.planning, "check_epoch", None)
-        # A plan that anneals, once scored; a resumed pass was checked when it first started.
-        if check_epoch is not None and self.num_feedback and run.resumes is None:
+        # A plan that anneals, once scored; the first pass after a load was checked when the
+        # saved run passed there (and a trainer may not have told the plan its length yet).
+        first_after_load, self._loaded = self._loaded, False
+        if check_epoch is not None and self.num_feedback and not first_after_load:
             check_epoch(run.epoch)
         if self.sync is not None and (self.expects_feedback or not self._agreed):
             config = None if self._agreed else sampler_config(self)
@@ -289,61 +275,15 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
         """Called by a pass once it has handed out its last batch."""
         self._epoch = max(self._epoch, run.epoch + 1)
         self._finished = run if run.batches else None
-        if self.sync is not None and self.expects_feedback:
+        if (
+            self.sync is not None and self.expects_feedback
+        ):  # (the end waits for feedback in flight)
             self.sync.end(run.epoch, run.batches, self.num_feedback - run.reports_at_start)
-
-    # -- feedback ------------------------------------------------------------------------------
-
-    @property
-    def expects_feedback(self) -> bool:
-        return self.is_adaptive or self._plans_from_scores or self.receiver.num_reporters > 0
-
-    @property
-    def _plans_from_scores(self) -> bool:
-        """Whether the epoch plan reads the scores feedback reports (RS2's does not)."""
-        return self.planning is not None and getattr(self.planning, "reads_scores", True)
-
-    @property
-    def wants_gradient_statistics(self) -> bool:
-        """Whether anything reads batch statistics beyond per-sample losses (a sizing rule, a
-        listener): a stage that measures the training step computes them only then."""
-        return self.receiver.wants_gradient_statistics
-
-    def register_reporter(self, reporter: object) -> None:
-        """Record that ``reporter`` (a filter, say) will report feedback for every batch. A
-        reporter with a ``flush()`` (StepFeedback) is asked to report what it holds before any
-        checkpoint is taken, so a checkpoint never misses a batch already trained."""
-        self.receiver.register_reporter(reporter)
-
-    def add_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
-        """Call ``listener(sampler, feedback)`` after each feedback is recorded and the next size
-        decided (a :class:`~adaptive_batch.TrajectoryLogger`); not part of the state."""
-        self.receiver.add_listener(listener)
-
-    def remove_listener(self, listener: Callable[[AdaptiveBatchSampler, Feedback], None]) -> None:
-        """Stop calling ``listener``; a ``ValueError`` if it was never added."""
-        self.receiver.remove_listener(listener)
-
-    def rank_states(self, state: dict[str, Any]) -> list[dict[str, Any]]:
-        """Every rank's ``state``, in rank order: a collective under DDP (every rank calls it,
-        as a trainer saving a checkpoint does); ``[state]`` on one replica."""
-        return [state] if self.sync is None else self.sync.states(state)
-
-    def feedback(self, feedback: Feedback) -> None:
-        """Record what became of one yielded batch, then let the sizing rule pick the next size.
-
-        Raises :class:`~adaptive_batch.AdaptiveBatchError` when the kept and dropped indices do
-        not await feedback (indices this sampler never handed out, feedback given twice). Under
-        DDP every rank must call it once per batch: the ranks' feedback is gathered, every rank
-        counts all of it, and every rank's sizing rule sees the same merged numbers, so sizes
-        agree; a rank out of step makes every rank raise.
-        """
-        self.receiver.receive(self, feedback, exchange=self.expects_feedback)
 
     def handed_out(self, run: SamplerPass, indices: np.ndarray, pass_total: int | None) -> None:
         """Called by a pass for each batch (or chunk) it hands out."""
         self.active = run
-        self.ledger.handed_out(indices)
+        self._table.handed_out(indices)
         if pass_total is not None:
             self._chunks.handed_out(indices, pass_total)
             run.last_chunk = indices
@@ -359,29 +299,7 @@ class AdaptiveBatchSampler(SamplerCheckpoint, SamplerDeprecations, Sampler[list[
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out in all."""
         chunk = as_index_array(indices)
-        return self._chunks.consumed(chunk, self.ledger.awaiting(chunk))
-
-    # -- epoch plans -----------------------------------------------------------------------------
-
-    def weights_of(self, indices: Tensor) -> Tensor | None:
-        """The current epoch plan's training weights of these dataset indices (``None``: all 1).
-
-        InfoBatch keeps a random part of the well-learned samples and weighs them up so that the
-        expected gradient is unchanged; ``StepFeedback.weighted(loss)`` applies them."""
-        run = self.active
-        if run is None:
-            return None
-        weights = self.order.weights(run.epoch, as_index_array(indices))
-        return None if weights is None else torch.from_numpy(weights)
-
-    def _scores_of(self, indices: Tensor | None) -> Any:
-        return self.ledger.scores(indices)
-
-    @property
-    def scores(self) -> Any:
-        """The per-index scores epoch plans decide from (a :class:`~adaptive_batch.contract.ScoreTable`
-        over the index set)."""
-        return self.ledger.scores(self.order.indices)
+        return self._chunks.consumed(chunk, self._table.awaiting(chunk))
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from ..contract import Feedback, Reason
 from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
-from ..probe import HeadLoss, check_model_output, gradient_moments, to_device
-from .transfer import HostCopy
+from ..probe import HeadLoss, HostCopy, check_model_output, gradient_moments, to_device
 from .weighted_loss import YieldedRows
 
 __all__ = [

@@ -16,7 +16,8 @@ __all__ = ["HostCopy"]
 
 
 class HostCopy:
-    """A float32 copy of ``tensor`` on the host, started now and read with :meth:`result`.
+    """A copy of ``tensor`` on the host (``float32`` unless ``dtype`` says otherwise), started
+    now and read with :meth:`result`.
 
     Example:
         >>> import torch
@@ -24,21 +25,21 @@ class HostCopy:
         [1.0, 2.0]
     """
 
-    def __init__(self, tensor: Tensor) -> None:
+    def __init__(self, tensor: Tensor, dtype: torch.dtype = torch.float32) -> None:
         tensor = tensor.detach()
         if tensor.device.type == "cpu":
-            self._host, self._event = tensor.to(torch.float32), None
+            self._host, self._event = tensor.to(dtype), None
             return
         if tensor.device.type == "cuda":
             event = torch.cuda.Event()
         elif hasattr(torch, "Event"):  # other accelerators, torch >= 2.5
             event = torch.Event(device=tensor.device)
         else:  # no event to wait on: a blocking copy
-            self._host, self._event = tensor.to("cpu", torch.float32), None
+            self._host, self._event = tensor.to("cpu", dtype), None
             return
         # A non-blocking copy from an accelerator lands in pinned memory (torch allocates it so);
         # the event marks when it has.
-        self._host = tensor.to("cpu", torch.float32, non_blocking=True)
+        self._host = tensor.to("cpu", dtype, non_blocking=True)
         event.record()
         self._event = event
 
