@@ -69,6 +69,12 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
         sizes = parse_sizes(row["sizes"])
         assert len(sizes) == int(row["steps"]) and sum(sizes) == int(row["trained"])
     assert "Projected time is a model" in (tmp_path / "sizing.md").read_text()
+    lm = {r["arm"]: r for r in read_csv(tmp_path / "lm.csv")}  # the Hugging Face Trainer's
+    assert {"fixed", "infobatch", "small-loss", "short@infobatch", "rs2@infobatch"} <= set(lm)
+    infobatch = lm["infobatch"]
+    assert int(infobatch["tokens"]) < int(lm["fixed"]["tokens"])  # it pruned the second epoch
+    assert lm["short@infobatch"]["steps"] == infobatch["steps"]  # the fixed run, stopped there
+    assert int(lm["rs2@infobatch"]["tokens"]) == pytest.approx(int(infobatch["tokens"]), rel=0.02)
     # The arms with a sampler leave their trajectory: one row per step, kept adding up.
     trajectories = tmp_path / "trajectories"
     infobatch = read_csv(trajectories / "time-to-accuracy-infobatch-0.csv")

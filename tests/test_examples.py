@@ -92,6 +92,17 @@ def test_char_lm_example_selects_sequences(tmp_path):
     assert rows["small-loss"][2] < rows["fixed"][2]  # by dropping sequences
 
 
+def test_hf_trainer_example_prints_each_policys_figures(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_example(
+        "hf_trainer.py", "--sequences", "160", "--length", "32", "--epochs", "2",
+        "--policies", "fixed,infobatch", cwd=tmp_path,
+    )  # fmt: skip
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-2:]}
+    assert set(rows) == {"fixed", "infobatch"}
+    assert int(rows["infobatch"][1]) < int(rows["fixed"][1]) == 2 * 160  # sequences trained
+
+
 def test_every_example_option_has_help_and_the_examples_use_the_public_api_only():
     import ast
 

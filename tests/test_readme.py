@@ -27,6 +27,10 @@ def test_python_blocks_run_in_order(tmp_path, monkeypatch):
     assert "checkpoint" in namespace and namespace["sampler"].num_feedback > 0
     assert (tmp_path / "runs" / "trajectory.csv").stat().st_size > 0
     assert list((tmp_path / "runs" / "infobatch").iterdir())  # the TensorBoard event file
+    hf = namespace["trainer"]  # the Hugging Face block's, the last
+    assert type(hf).__name__ == "AdaptiveBatchTrainer"
+    assert hf.sampler.num_feedback == hf.state.global_step
+    assert hf.sampler.num_kept < 3 * 256  # InfoBatch pruned the later epochs
 
 
 def split_command(block: str) -> tuple[list[str], str]:

@@ -270,6 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=20_000,
         help="candidates per digits run (default 20000)",
     )
+    group = bench.add_argument_group("lm (the Hugging Face Trainer)")
+    group.add_argument("--lm-epochs", type=_positive, default=4, help="epochs per run (default 4)")
+    group.add_argument(
+        "--lm-sequences", type=_positive, default=2400, help="training sequences (default 2400)"
+    )
     return parser
 
 

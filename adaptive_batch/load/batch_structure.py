@@ -19,9 +19,9 @@ def get_field(batch: Any, key: int | str) -> Any:
         return batch[key]
     except (KeyError, IndexError, TypeError):
         raise AdaptiveBatchKeyError(
-            f"the batch ({type(batch).__name__}) has no field {key!r}; tell SubsetFilter where "
-            "the model's inputs and targets are with inputs=... and targets=... (a position in a "
-            "tuple or list, a key in a dict)"
+            f"the batch ({type(batch).__name__}) has no field {key!r}; tell the stage where the "
+            "targets are with targets=... (and SubsetFilter where the inputs are with inputs=...): "
+            "a position in a tuple or list, a key in a dict"
         ) from None
 
 

@@ -172,12 +172,17 @@ def _mse_grads(outputs: Tensor, targets: Tensor) -> Tensor:
     return 2.0 * diff / diff[0].numel()
 
 
-def sequence_cross_entropy(ignore_index: int = IGNORE_INDEX) -> HeadLoss:
+def sequence_cross_entropy(ignore_index: int = IGNORE_INDEX, *, shift: bool = False) -> HeadLoss:
     """Cross-entropy of a sequence model: logits ``[B, T, V]``, token targets ``[B, T]``; a
     sequence's loss is the mean over its tokens whose target is not ``ignore_index`` (padding,
     prompt tokens), and those carry no gradient. Registered as ``"sequence_cross_entropy"`` with
     torch's ``-100``; call it for another padding id: ``HeadProbe(model,
     loss=sequence_cross_entropy(ignore_index=pad_id))``.
+
+    With ``shift=True`` the targets are the batch's ``labels`` of a causal language model, which
+    the model shifts itself (``transformers``' ``...ForCausalLM``): position ``t``'s logits
+    predict ``labels[:, t + 1]``, and the last position predicts nothing. Registered as
+    ``"causal_lm_cross_entropy"``; it equals the model's own loss per sequence.
 
     Example:
         >>> import torch
@@ -185,17 +190,27 @@ def sequence_cross_entropy(ignore_index: int = IGNORE_INDEX) -> HeadLoss:
         >>> logits = torch.zeros(1, 3, 4)  # uniform over 4 tokens: log(4) per token
         >>> round(loss.losses(logits, torch.tensor([[1, 2, -100]])).item(), 4)  # padding left out
         1.3863
+        >>> causal = sequence_cross_entropy(shift=True)  # labels as the model takes them
+        >>> round(causal.losses(logits, torch.tensor([[1, 2, -100]])).item(), 4)  # predicts only the 2
+        1.3863
     """
+    name = "causal_lm_cross_entropy" if shift else "sequence_cross_entropy"
+
+    def aligned(targets: Tensor) -> Tensor:
+        """The target of each position's logits (the next label, when shifted)."""
+        if not shift:
+            return targets
+        return F.pad(targets[:, 1:], (0, 1), value=ignore_index)
 
     def check(logits: Tensor, targets: Tensor) -> None:
         if logits.dim() != 3:
             raise AdaptiveBatchError(
-                f"loss='sequence_cross_entropy' needs [B, T, V] logits; the head gives "
+                f"loss={name!r} needs [B, T, V] logits; the head gives "
                 f"{tuple(logits.shape)} (for [B, C] use loss='cross_entropy')"
             )
         if targets.is_floating_point() or targets.shape != logits.shape[:2]:
             raise AdaptiveBatchError(
-                f"loss='sequence_cross_entropy' needs integer token targets of shape [B, T] = "
+                f"loss={name!r} needs integer token targets of shape [B, T] = "
                 f"{list(logits.shape[:2])}, {ignore_index} where there is no token; got "
                 f"{targets.dtype} {tuple(targets.shape)}"
             )
@@ -204,19 +219,21 @@ def sequence_cross_entropy(ignore_index: int = IGNORE_INDEX) -> HeadLoss:
         return (targets != ignore_index).sum(dim=1).clamp_min(1)  # all padding: loss 0, not NaN
 
     def losses(logits: Tensor, targets: Tensor) -> Tensor:
+        targets = aligned(targets)
         tokens = F.cross_entropy(
             logits.transpose(1, 2), targets.long(), reduction="none", ignore_index=ignore_index
         )
         return tokens.sum(dim=1) / counts(targets)
 
     def gradients(logits: Tensor, targets: Tensor) -> Tensor:
+        targets = aligned(targets)
         batch, steps, vocab = logits.shape
         flat = targets.reshape(-1).long()
         flat = flat.masked_fill(flat == ignore_index, IGNORE_INDEX)
         delta = _cross_entropy_grads(logits.reshape(-1, vocab), flat).view(batch, steps, vocab)
         return delta / counts(targets).to(delta.dtype).view(batch, 1, 1)
 
-    return HeadLoss("sequence_cross_entropy", losses, gradients, check)
+    return HeadLoss(name, losses, gradients, check)
 
 
 cross_entropy = register_loss(
@@ -224,3 +241,4 @@ cross_entropy = register_loss(
 )
 mse = register_loss(HeadLoss("mse", _mse, _mse_grads, _check_mse))
 register_loss(sequence_cross_entropy())
+register_loss(sequence_cross_entropy(shift=True))

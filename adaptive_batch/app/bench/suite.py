@@ -36,6 +36,7 @@ PARTS = (
     "noisy-cifar",
     *SCARCE_CIFAR_PARTS,
     "scarce-digits",
+    "lm",
 )
 
 
@@ -84,6 +85,8 @@ def run_parts(args: argparse.Namespace) -> None:
             _scarce_cifar(out, device, quick, args, seeds, show, SCARCE_CIFAR_PARTS[part])
         elif part == "scarce-digits":
             _scarce_digits(out, device, quick, args, seeds, show)
+        elif part == "lm":
+            _lm(out, device, quick, args, seeds, show)
 
 
 def _overhead(out: Path, device: torch.device, quick: bool) -> None:
@@ -322,3 +325,18 @@ def _scarce_digits(
     title = f"DBA's data-scarce analog on digits: one-hidden-layer MLP, {budget} candidates per run, test accuracy %"
     plot_scarce(results, subsets, policies, budget, out / "scarce-digits.png")
     _write(out, "scarce-digits", title, format_scarce(results, subsets, policies, budget), device)
+
+
+def _lm(
+    out: Path, device: torch.device, quick: bool, args: argparse.Namespace, seeds, show: bool
+) -> None:
+    from .lm import ARMS, LmSetup, format_lm, run_lm
+
+    setup = (
+        LmSetup(sequences=160, length=32, epochs=2)
+        if quick
+        else LmSetup(sequences=args.lm_sequences, epochs=args.lm_epochs)
+    )
+    results = run_lm(ARMS, seeds, setup=setup, out_dir=out, device=device, show_progress=show)
+    title = f"A causal LM under the Hugging Face Trainer, at equal tokens: {setup.describe()}"
+    _write(out, "lm", title, format_lm(results, ARMS, setup), device)
