@@ -432,3 +432,41 @@ def test_the_small_loss_plan_scores_a_share_of_the_dropped_again_at_weight_zero(
         1, table(losses), generator
     )
     assert never.weights is None and int((~never.drawn).sum()) == 20
+
+
+@given(
+    eighths=st.lists(st.integers(0, 80), min_size=2, max_size=40),
+    labels=st.lists(st.integers(0, 3), min_size=40, max_size=40),
+    seed=st.integers(0, 2**16),
+)
+def test_class_balanced_infobatch_prunes_each_class_against_its_own_mean(eighths, labels, seed):
+    losses = [k / 8 for k in eighths]  # exact in float32: the comparisons cannot round apart
+    losses_t = torch.tensor(losses)
+    classes = torch.tensor(labels[: len(losses)])
+    plan = InfoBatch(prune_ratio=0.5, num_epochs=10, classes=classes).plan(
+        0, ScoreTable.of_losses(losses_t), torch.Generator().manual_seed(seed)
+    )
+    pruned = (~plan.drawn).nonzero().flatten().tolist()
+    for label in set(classes.tolist()):  # the slow reference: one class at a time, by hand
+        members = [i for i in range(len(losses)) if classes[i] == label]
+        mean = sum(losses[i] for i in members) / len(members)
+        below = {i for i in members if losses[i] < mean}
+        ours = {i for i in pruned if classes[i] == label}
+        assert ours <= below and len(ours) == int(0.5 * len(below))
+        for i in members:  # the class's well-learned weigh 2 (the pruned are not drawn)
+            assert plan.weights[i] == (2.0 if i in below else 1.0)
+
+
+def test_class_balanced_infobatch_keeps_a_hard_class_the_global_mean_would_prune_from():
+    # class 0 is easy (losses 0.1-0.5), class 1 hard (3-7): one mean prunes class 0 only
+    losses = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.5, 3.0, 4.0, 5.0, 6.0, 7.0])
+    classes = torch.tensor([0] * 5 + [1] * 5)
+    table = ScoreTable.of_losses(losses)
+    plain = InfoBatch(num_epochs=10).plan(0, table, torch.Generator().manual_seed(0))
+    balanced = InfoBatch(num_epochs=10, classes=classes).plan(
+        0, table, torch.Generator().manual_seed(0)
+    )
+    assert plain.drawn[5:].all() and int((~plain.drawn[:5]).sum()) == 2
+    assert int((~balanced.drawn[:5]).sum()) == 1 and int((~balanced.drawn[5:]).sum()) == 1
+    with pytest.raises(AdaptiveBatchError, match="index set"):
+        InfoBatch(num_epochs=10, classes=classes[:4]).plan(0, table, torch.Generator())

@@ -60,6 +60,7 @@ POLICY_NAMES = (
     "infobatch",
     "infobatch-no-rescale",
     "infobatch-average",
+    "infobatch-balanced",
     "small-loss",
     "small-loss-inbatch",
     "small-loss-lookahead",
@@ -247,7 +248,7 @@ def _recipe(
     if name == "stale-sb":
         plan = StaleSelectiveBackprop(keep=0.5, num_epochs=epochs)
         return Recipe(name, plan, stage="training_step", **constant)
-    if name in ("infobatch", "infobatch-no-rescale", "infobatch-average") or (
+    if name in ("infobatch", "infobatch-no-rescale", "infobatch-average", "infobatch-balanced") or (
         infobatch_setting(name) is not None
     ):
         rescale = name != "infobatch-no-rescale"
@@ -255,6 +256,7 @@ def _recipe(
         settings |= infobatch_setting(name) or {}
         if name == "infobatch-average":
             settings["score"] = "average"
+        # infobatch-balanced: the runner gives the plan the index set's classes (plan.classes)
         plan = InfoBatch(num_epochs=epochs, rescale=rescale, **settings)
         return Recipe(name, plan, stage="training_step", weighted=rescale, **constant)
     if (fraction := rs2_fraction(name)) is not None:

@@ -185,6 +185,11 @@ def _pipeline(
         stage=spec.stage,
         current_lr=lambda: optimizer.param_groups[0]["lr"],
     )
+    if spec.name == "infobatch-balanced":  # class-balanced: the classes of the index set
+        labels = getattr(train_data, "labels", None)
+        if labels is None:
+            labels = train_data.tensors[1]  # type: ignore[attr-defined]
+        r.policy.classes = torch.as_tensor(labels)[allowed].long()
     if spec.batch_caps is not None:
         low, high = spec.batch_caps
         r = replace(r, batch_size=spec.batch_size, min_batch_size=low, max_batch_size=high)

@@ -39,6 +39,11 @@ class InfoBatch(RunLength):
             ``score_decay``), so one lucky or unlucky epoch moves it less (kept in the rule's
             state: 8 bytes per index).
         score_decay: the average's factor (0.5: the latest loss weighs half).
+        classes: class-balanced pruning: the class of each index of the sampler's index set, in
+            its order (the whole dataset's labels without ``indices=``). Each class then has its
+            own mean, and ``prune_ratio`` of each class's well-learned samples is dropped, so a
+            class the model finds hard keeps its share instead of being measured against the
+            easy classes' losses. ``None``: one mean over all (the paper's).
 
     Differences from the reference code: no monkey-patched DataLoader and no loop edit (the
     sampler plans, the stage reports losses); the plan is decided once per epoch, so ``len()`` is
@@ -62,6 +67,7 @@ class InfoBatch(RunLength):
         rescale: bool = True,
         score: str = "last",
         score_decay: float = 0.5,
+        classes: Any = None,
     ) -> None:
         if not 0.0 <= prune_ratio < 1.0:
             raise AdaptiveBatchError(f"prune_ratio must lie in [0, 1); got {prune_ratio}")
@@ -79,6 +85,9 @@ class InfoBatch(RunLength):
         self.prune_ratio = prune_ratio
         self.delta = delta
         self.rescale = rescale
+        self.classes = None if classes is None else torch.as_tensor(classes).long().flatten()
+        if self.classes is not None and bool((self.classes < 0).any()):
+            raise AdaptiveBatchError("classes must be non-negative class indices")
 
     anneals = property(lambda self: self.delta < 1, doc="Whether the last epochs train on all.")
 
@@ -93,9 +102,14 @@ class InfoBatch(RunLength):
         if not self.prunes(epoch) or not bool(scored.any()) or self.prune_ratio == 0:
             return EpochPlan.everything(size, pruned=0.0)
         mean = float(losses[scored].mean())
-        well_learned = (scored & (losses < mean)).nonzero().flatten()
-        count = int(self.prune_ratio * well_learned.numel())
-        pruned = well_learned[torch.randperm(well_learned.numel(), generator=generator)[:count]]
+        if self.classes is None:
+            well_learned = (scored & (losses < mean)).nonzero().flatten()
+            count = int(self.prune_ratio * well_learned.numel())
+            order = torch.randperm(well_learned.numel(), generator=generator)
+            pruned = well_learned[order[:count]]
+        else:
+            well_learned, pruned = self._by_class(losses, scored, generator)
+            count = pruned.numel()
         drawn = torch.ones(size, dtype=torch.bool)
         drawn[pruned] = False
         weights = None
@@ -104,6 +118,28 @@ class InfoBatch(RunLength):
             weights[well_learned] = 1.0 / (1.0 - self.prune_ratio)
         stats = {"pruned": float(count), "well_learned": float(well_learned.numel()), "mean": mean}
         return EpochPlan(drawn, weights, stats)
+
+    def _by_class(
+        self, losses: torch.Tensor, scored: torch.Tensor, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The well-learned (below their class's mean) and the pruned of each class."""
+        classes = self.classes
+        assert classes is not None
+        if classes.numel() != losses.numel():
+            raise AdaptiveBatchError(
+                f"classes has {classes.numel()} labels but the sampler's index set has "
+                f"{losses.numel()} indices: give the class of each index of the index set, in "
+                "its order"
+            )
+        well, pruned = [], []
+        for label in classes[scored].unique().tolist():
+            members = scored & (classes == label)
+            mean = losses[members].mean()
+            below = (members & (losses < mean)).nonzero().flatten()
+            order = torch.randperm(below.numel(), generator=generator)
+            well.append(below)
+            pruned.append(below[order[: int(self.prune_ratio * below.numel())]])
+        return torch.cat(well), torch.cat(pruned)
 
     def _scores(self, scores: ScoreTable) -> torch.Tensor:
         """Each index's score: its latest loss, or the average of those of the epochs since."""
