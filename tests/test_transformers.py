@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,11 +96,14 @@ class Recording(AdaptiveBatchTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def trainer(tmp_path, policy, data=None, cls=Recording, **overrides) -> AdaptiveBatchTrainer:
+def trainer(
+    tmp_path, policy, data=None, cls=Recording, eval_data=None, **overrides
+) -> AdaptiveBatchTrainer:
     return cls(
         model=tiny_gpt2(),
         args=arguments(tmp_path, **overrides),
         train_dataset=data if data is not None else Sequences(96),
+        eval_dataset=eval_data,
         data_collator=transformers.default_data_collator,
         policy=policy,
     )
@@ -193,3 +197,21 @@ def test_two_processes_agree_on_plans_and_steps(tmp_path):
     drawn = [{i for indices, _ in r["steps"][:6] for i in indices} for r in ranks]
     assert not drawn[0] & drawn[1]  # disjoint shares
     assert drawn[0] | drawn[1] == set(range(96))  # together, every sequence
+
+
+def test_gradient_accumulation_and_evaluation_inside_training(tmp_path):
+    # Two micro-batches per optimizer step (the Trainer fetches both before the first), and an
+    # evaluation each epoch: every micro-batch is reported, evaluation is not.
+    run = trainer(
+        tmp_path, policy=InfoBatch(prune_ratio=0.5), gradient_accumulation_steps=2,
+        eval_strategy="epoch", eval_data=Sequences(16, seed=1),
+    )  # fmt: skip
+    run.train()
+    assert run.sampler.num_feedback == len(run.steps)
+    assert run.state.global_step == sum(math.ceil(n / 2) for n in _steps_per_epoch(run))
+    assert int(run.sampler.ledger.losses.isnan().sum()) == 0
+
+
+def _steps_per_epoch(run) -> list[int]:
+    sizes = [run.sampler.order.decide(e).drawn.sum().item() for e in range(3)]
+    return [math.ceil(n / 8) for n in sizes]

@@ -37,8 +37,14 @@ An epoch plan without ``num_epochs`` (InfoBatch, stale Selective-Backprop) gets 
 policy ends the run before the schedule does (its last value is not reached), as the Trainer
 counts steps before any epoch is pruned.
 
-Tested with transformers 5.24: the epoch count on resume overrides the Trainer's
-``_init_training_state``, a private method; another release may need this module updated.
+With gradient accumulation, each epoch's last group is stepped where the epoch's own batches end
+(the Trainer counts them once, for full epochs); a sizing policy's epochs have no length known in
+advance, so its last group may carry into the next epoch's first step, as with any loader without
+a length.
+
+Tested with transformers 5.24: the epoch count on resume and each epoch's length override the
+Trainer's ``_init_training_state`` and ``_run_epoch``, private methods; another release may need
+this module updated.
 """
 
 from __future__ import annotations
@@ -193,6 +199,24 @@ class AdaptiveBatchTrainer(transformers.Trainer):
         assert self.sampler is not None
         # The sampler resumes its pass itself: no batch is skipped, and the epochs are its own.
         return self.sampler.next_epoch, 0
+
+    def _run_epoch(self, *args: Any, **kwargs: Any) -> Any:
+        # The Trainer counts an epoch's batches once, before any epoch is pruned, and ends its
+        # last gradient-accumulation group by that count: give it this epoch's (fixed-size
+        # batches, where the sampler knows it; a sizing rule's epochs have no length).
+        stage, sampler = self.stage, self.sampler
+        if stage is not None and sampler is not None and "steps_in_epoch" in kwargs:
+            stage.flush()  # the last epoch's scores are in: the plan about to be drawn sees them
+            try:
+                batches = len(stage)
+            except TypeError:
+                batches = None
+            if batches is not None:
+                batches -= sampler.resume_position // sampler.batch_size
+                accumulation = self.args.gradient_accumulation_steps
+                kwargs["steps_in_epoch"] = batches
+                kwargs["num_update_steps_per_epoch"] = max(1, math.ceil(batches / accumulation))
+        return super()._run_epoch(*args, **kwargs)
 
     # -- the training step -----------------------------------------------------------------------
 

@@ -143,6 +143,10 @@ class AdaptiveBatchSampler(
         lambda s: s._pending.epoch if s._pending and s._pending.remaining else s._epoch,
         doc="The next epoch with batches to draw (a loaded pass's, resumed where it stopped).",
     )
+    resume_position = property(
+        lambda s: s._pending.position if s._pending and s._pending.remaining else 0,
+        doc="Indices of the next epoch handed out before the checkpoint its pass resumes from.",
+    )
     feedback_lag = property(
         lambda self: dict(self.sizer.lags),
         doc="How many batches' feedback was missing when each size was decided, counted.",

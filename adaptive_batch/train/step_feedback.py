@@ -194,6 +194,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         """Forget batches fetched for an earlier pass and start assembling anew (what ``iter()``
         does; a node calls it on ``reset()``)."""
         self.settle()
+        self._deliver(0)  # every report in before the sampler plans the next pass
         self._ahead.clear()
         if self._assembler is not None:
             self._assembler.reset()
