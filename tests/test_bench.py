@@ -36,6 +36,7 @@ def test_quick_bench_runs_every_part_and_resumes(tmp_path, capsys):
         assert (tmp_path / f"{name}.md").read_text().startswith("# "), name
     for plot in ("time-to-accuracy", "scarce-cifar", "scarce-digits"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 5_000, plot
+    assert "ratio (object / frame)" in (tmp_path / "rank-exchange.md").read_text()
     overhead = read_csv(tmp_path / "overhead.csv")
     ratios = [float(r["value"]) for r in overhead if "ratio" in r["item"]]
     assert len(ratios) == 10 and all(math.isfinite(v) and v > 0 for v in ratios)

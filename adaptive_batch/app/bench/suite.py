@@ -102,7 +102,18 @@ def _overhead(out: Path, device: torch.device, quick: bool) -> None:
         format_host_cost(costs, score_table_bytes()),
         device,
     )
-    measurements = step_overhead(device, batch=64 if quick else 256, repeats=2 if quick else 7)
+    from .rank_exchange import format_rank_exchange, measure_rank_exchange
+
+    batch = 64 if quick else 256
+    exchange = measure_rank_exchange(batch, rounds=2 if quick else 5, steps=10 if quick else 200)
+    _write(
+        out,
+        "rank-exchange",
+        "One step's feedback exchange under DDP, before and after 0.3 (2 local processes)",
+        format_rank_exchange(exchange, batch),
+        device,
+    )
+    measurements = step_overhead(device, batch=batch, repeats=2 if quick else 7)
     measurements += math_vs_step(device, quick=quick, repeats=2 if quick else 5)
     measurements += sampler_throughput(num_samples=50_000 if quick else 1_000_000)
     rows = [[m.section, m.item, f"{m.value:.3g}", m.unit, m.note] for m in measurements]
