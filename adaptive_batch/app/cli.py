@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         "parts", nargs="*", metavar="PART", help=f"any of {', '.join(PARTS)} (default: all)"
     )
     bench.add_argument(
-        "--quick", action="store_true", help="tiny settings, under a minute: a smoke test"
+        "--quick", action="store_true", help="tiny settings, about a minute: a smoke test"
     )
     bench.add_argument(
         "--out", default="bench-output", help="results folder (default bench-output)"

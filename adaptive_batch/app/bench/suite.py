@@ -3,7 +3,7 @@
 Each part writes ``<out>/<part>.csv`` (rows appended as runs finish: a later call resumes) and
 ``<out>/<part>.md`` (the table, with the machine and the command), plus plots where they help.
 ``--quick`` runs every part with tiny settings (synthetic CIFAR-shaped data when no ``--data`` is
-given) in under a minute: a smoke test, not a measurement.
+given) in about a minute: a smoke test, not a measurement.
 """
 
 from __future__ import annotations
