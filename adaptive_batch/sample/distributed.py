@@ -3,9 +3,10 @@
 Every rank must draw disjoint indices, run the same number of steps and use the same batch size
 at each step, or DDP hangs. The sampler shards each epoch's plan (the same on every rank) into
 equal parts and gathers every step's feedback so that each rank's sizing rule sees the same
-numbers. Every collective it makes is one :meth:`RankSync.exchange` of a tagged message, so a
-rank that is somewhere else -- one that skipped a feedback, finished its epoch early, runs another
-epoch or another configuration -- pairs with the others' collective and every rank raises an
+numbers. Every collective it makes says what the rank is doing (a frame of the same size on every
+rank, or before the ranks have agreed on that size a tagged object), so a rank that is somewhere
+else -- one that skipped a feedback, finished its epoch early, runs another epoch or another
+configuration -- pairs with the others' collective and every rank raises an
 :class:`~adaptive_batch.AdaptiveBatchError` saying which rank is where, instead of hanging.
 """
 
