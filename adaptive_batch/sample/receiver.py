@@ -54,7 +54,9 @@ class FeedbackReceiver:
         self.sync: RankSync | None = None  # set by the sampler under DDP
         self.num_reporters = 0
         self.last_feedback: Feedback | None = None
-        self._sent: deque[tuple[int, int, int]] = deque()  # DDP: context of each step not applied
+        self._sent: deque[tuple[int, int, int] | None] = (
+            deque()
+        )  # DDP: each unapplied step's context
         self._flushers: list[weakref.ref[Any]] = []
         self._listeners: list[Listener] = []
 
@@ -132,7 +134,10 @@ class FeedbackReceiver:
             return []
         self.sync.finish()
         return [
-            {"ranks": [_as_plain(item) for item in items], "sent": list(sent)}
+            {
+                "ranks": [_as_plain(item) for item in items],
+                "sent": None if sent is None else list(sent),
+            }
             for items, sent in zip(self.sync.arrived, self._sent, strict=True)
         ]
 
@@ -140,19 +145,21 @@ class FeedbackReceiver:
         arrived = [[Feedback(**item) for item in step["ranks"]] for step in steps]
         if self.sync is not None:
             self.sync.take()  # what was on its way belongs to the run being replaced
-        self._sent = deque(tuple(step["sent"]) for step in steps)
+        self._sent = deque(None if step["sent"] is None else tuple(step["sent"]) for step in steps)
         if self.sync is None:  # saved under DDP, resumed on one process: apply it now
             self._apply(arrived)
         else:
             self.sync.arrived = arrived
 
-    def _context(self) -> tuple[int, int, int]:
+    def _context(self) -> tuple[int, int, int] | None:
         """What a sizing rule reads beside a feedback: feedback calls so far and the epoch's
-        size (this rank's share, all ranks')."""
+        size (this rank's share, all ranks'); ``None`` without a sizing rule."""
+        if self.sizer.rule is None:
+            return None
         return (self.ledger.num_feedback, *self.epoch_size())
 
-    def _size_next(self, feedback: Feedback, context: tuple[int, int, int]) -> None:
-        if self.sizer.rule is not None:
+    def _size_next(self, feedback: Feedback, context: tuple[int, int, int] | None) -> None:
+        if context is not None and self.sizer.rule is not None:
             updates, share, whole = context
             progress = Progress(updates, self.ledger.num_candidates, whole)
             self.sizer.update(feedback, progress, share)
