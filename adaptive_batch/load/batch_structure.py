@@ -20,8 +20,8 @@ def get_field(batch: Any, key: int | str) -> Any:
     except (KeyError, IndexError, TypeError):
         raise AdaptiveBatchKeyError(
             f"the batch ({type(batch).__name__}) has no field {key!r}; tell the stage where the "
-            "targets are with targets=... (and SubsetFilter where the inputs are with inputs=...): "
-            "a position in a tuple or list, a key in a dict"
+            "model's inputs and targets are with inputs=... and targets=... (StepFeedback takes "
+            "targets= alone): a position in a tuple or list, a key in a dict"
         ) from None
 
 
