@@ -225,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--no-controls",
         action="store_true",
-        help="time-to-accuracy without the shortened-schedule and RS2 controls (an ablation "
-        "beside policies already run with theirs)",
+        help="time-to-accuracy and noisy-cifar without the shortened-schedule and RS2 controls "
+        "(an ablation beside policies already run with theirs)",
     )
     group.add_argument(
         "--sizing-arms",

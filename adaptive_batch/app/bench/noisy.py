@@ -107,10 +107,11 @@ def run_noisy(
     out_dir: str | Path,
     device: torch.device,
     show_progress: bool = True,
+    controls: Sequence[str] = CONTROLS,
 ) -> Results:
     """Every rate, seed and arm (the fixed baselines first), then, for each policy that trained
-    on fewer samples than the fixed run, its controls at that fraction (``short@P``: the schedule
-    shortened; ``rs2@P``: RS2); resumable."""
+    on fewer samples than the fixed run, its ``controls`` at that fraction (``short@P``: the
+    schedule shortened; ``rs2@P``: RS2; none: arms beside ones run with theirs); resumable."""
     results = Results(out_dir, "noisy-cifar", FIELDS, key=("noise", "policy", "seed", "setup"))
     tqdm = require("tqdm", "demo", "the benchmark").tqdm
     key = setup_key(setup)
@@ -148,7 +149,7 @@ def run_noisy(
                     fraction = float(row["trained"]) / float(fixed["trained"])
                     if fraction > CONTROL_BELOW:
                         continue
-                    for kind in CONTROLS:
+                    for kind in controls:
                         run_as, epochs = control_run(kind, fraction, setup.epochs)
                         arm.run(control_name(kind, policy), run_as, epochs=epochs)
     return results

@@ -269,9 +269,11 @@ def _noisy(
     setup = _epoch_setup(args, quick)
     policies = ("small-loss", "small-loss-inbatch") if quick else args.noisy_policies
     rates = (0.4,) if quick else args.noise
+    controls = () if args.no_controls else ("short", "rs2")
     results = run_noisy(
-        data, rates, policies, seeds, setup=setup, out_dir=out, device=device, show_progress=show
-    )
+        data, rates, policies, seeds, setup=setup, out_dir=out, device=device,
+        show_progress=show, controls=controls,
+    )  # fmt: skip
     title = f"Noisy labels (symmetric): {setup.describe()} ({data.source})"
     _write(out, "noisy-cifar", title, format_noisy(results, rates, policies, setup), device)
 
