@@ -186,12 +186,25 @@ def planned_training(rank: int) -> object:
     return report
 
 
+def _gns_pipeline():
+    """A DDP-wrapped MLP, GNS resizing its batches from the training step: (ddp, optimizer,
+    sampler, stage), built alike on every rank and for every run."""
+    from adaptive_batch.policies import GradientNoiseScale
+
+    torch.manual_seed(0)
+    ddp = DistributedDataParallel(nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)))
+    data = _data()
+    sampler = AdaptiveBatchSampler(
+        data, policy=GradientNoiseScale(), batch_size=8, min_batch_size=4, max_batch_size=40
+    )
+    batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
+    return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), sampler, batches
+
+
 @rank_worker
 def counted_collectives(rank: int) -> object:
     """GNS sizing fed by the training step on two ranks, counting the sampler's collectives: one
     tensor gather per step, pickling only once per epoch (the pass's start)."""
-    from adaptive_batch.policies import GradientNoiseScale
-
     counts = {"all_gather": 0, "all_gather_object": 0}
     for name in counts:
         original = getattr(dist, name)
@@ -201,15 +214,7 @@ def counted_collectives(rank: int) -> object:
             return _original(*args, **kwargs)
 
         setattr(dist, name, counted)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-    ddp = DistributedDataParallel(model)
-    data = _data()
-    sampler = AdaptiveBatchSampler(
-        data, policy=GradientNoiseScale(), batch_size=8, min_batch_size=4, max_batch_size=40
-    )
-    batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
+    ddp, optimizer, sampler, batches = _gns_pipeline()
     report = {"steps": [], "sizes": [], "gathers": [], "objects": [], "tables": []}
     for _ in range(3):
         before = dict(counts)
@@ -270,19 +275,6 @@ def resumed_mid_epoch(rank: int) -> object:
     between the ranks when the checkpoint was taken is part of it)."""
     import copy
 
-    from adaptive_batch.policies import GradientNoiseScale
-
-    def build():
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        ddp = DistributedDataParallel(model)
-        data = _data()
-        sampler = AdaptiveBatchSampler(
-            data, policy=GradientNoiseScale(), batch_size=8, min_batch_size=4, max_batch_size=40
-        )
-        batches = StepFeedback(DataLoader(data, batch_sampler=sampler), ddp, sampler=sampler)
-        return ddp, torch.optim.SGD(ddp.parameters(), lr=0.05), sampler, batches
-
     def train(ddp, optimizer, batches, log, stop=None):
         for x, y in batches:
             log.append(batches.current_indices.tolist())
@@ -293,11 +285,11 @@ def resumed_mid_epoch(rank: int) -> object:
                 return True
         return False
 
-    ddp, optimizer, sampler, batches = build()
+    ddp, optimizer, sampler, batches = _gns_pipeline()
     expected: list = []
     for _ in range(2):
         train(ddp, optimizer, batches, expected)
-    ddp, optimizer, sampler, batches = build()
+    ddp, optimizer, sampler, batches = _gns_pipeline()
     log: list = []
     train(ddp, optimizer, batches, log, stop=7)
     state = copy.deepcopy(
@@ -309,7 +301,7 @@ def resumed_mid_epoch(rank: int) -> object:
         }
     )
     in_transit = len(state["sampler"]["in_transit"])
-    ddp, optimizer, sampler, batches = build()
+    ddp, optimizer, sampler, batches = _gns_pipeline()
     ddp.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     sampler.load_state_dict(state["sampler"])
