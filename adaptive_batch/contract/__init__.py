@@ -13,6 +13,7 @@ from .feedback_sink import (
 from .messages import (
     EpochPlan,
     Feedback,
+    FeedbackGroup,
     GradientNoise,
     LayerSelection,
     ProbeResult,
@@ -48,6 +49,7 @@ __all__ = [
     "EpochPlan",
     "EpochPlanRule",
     "Feedback",
+    "FeedbackGroup",
     "FeedbackSink",
     "GradientNoise",
     "InBatchRule",

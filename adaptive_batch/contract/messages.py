@@ -14,7 +14,7 @@ the sampler's sizing rule picks the next size from it and a :class:`Progress`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -26,6 +26,7 @@ from ..errors import AdaptiveBatchError, renamed_arguments
 __all__ = [
     "EpochPlan",
     "Feedback",
+    "FeedbackGroup",
     "GradientNoise",
     "LayerSelection",
     "ProbeResult",
@@ -232,6 +233,43 @@ class Feedback:
     @property
     def num_kept(self) -> int:
         return self.kept.numel()
+
+
+@dataclass
+class FeedbackGroup:
+    """The feedback of several consecutive batches, reported at once: what a stage sends when
+    nothing reads feedback batch by batch (an epoch plan, no sizing rule, no listener, one
+    process), so that the per-batch work of reporting is paid once per group.
+
+    Attributes:
+        candidates: dataset indices (CPU ``long``) of every batch's candidates, batch after
+            batch; an index may appear in more than one batch (the latest counts for its loss).
+        kept: which candidates were trained on (``bool``, as ``candidates``; ``None``: all).
+        losses: per-sample losses, as ``candidates`` (``None``: none measured).
+        batches: how many batches the group reports (each counts as one feedback).
+        last: builds the :class:`Feedback` of the group's last batch (only when someone asks
+            for the latest feedback).
+    """
+
+    candidates: Tensor
+    kept: Tensor | None
+    losses: Tensor | None
+    batches: int
+    last: Callable[[], Feedback]
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.candidates.shape)
+        for name in ("kept", "losses"):
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise AdaptiveBatchError(
+                    f"a feedback group's {name} must have one entry per candidate {shape}; got "
+                    f"shape {tuple(value.shape)}"
+                )
+        if self.batches < 1:
+            raise AdaptiveBatchError(
+                f"a feedback group reports 1 batch or more; got {self.batches}"
+            )
 
 
 @dataclass(frozen=True, init=False)

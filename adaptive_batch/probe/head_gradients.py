@@ -156,7 +156,11 @@ def linear_head_moments(
     _check_terms(weight_term, bias_term)
     a, d = _token_view(features, delta, "linear_head_moments")
     (batch, steps, width), classes = a.shape, d.shape[-1]
-    if steps * steps <= classes * (width + 1):
+    if steps == 1:  # one position per sample: two row norms, no batched matmul
+        flat_a, flat_d = a[:, 0], d[:, 0]
+        sq_a = flat_a.square().sum(1) if weight_term else flat_a.new_zeros(batch)
+        sq_norms = flat_d.square().sum(1) * (sq_a + float(bias_term))
+    elif steps * steps <= classes * (width + 1):
         inner = a @ a.transpose(1, 2) if weight_term else a.new_zeros(batch, steps, steps)
         sq_norms = ((d @ d.transpose(1, 2)) * (inner + float(bias_term))).sum(dim=(1, 2))
     else:

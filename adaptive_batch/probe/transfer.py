@@ -27,8 +27,9 @@ class HostCopy:
 
     def __init__(self, tensor: Tensor, dtype: torch.dtype = torch.float32) -> None:
         tensor = tensor.detach()
-        if tensor.device.type == "cpu":
-            self._host, self._event = tensor.to(dtype), None
+        if tensor.device.type == "cpu":  # (``to`` of the same dtype still costs a dispatch)
+            self._host = tensor if tensor.dtype == dtype else tensor.to(dtype)
+            self._event = None
             return
         if tensor.device.type == "cuda":
             event = torch.cuda.Event()

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..contract import Feedback, GradientNoise
+from ..contract import Feedback, FeedbackGroup, GradientNoise
 from .ledger import FeedbackLedger, as_index_array
 
 __all__ = ["SamplerFeedbackSide"]
@@ -26,13 +26,19 @@ class SamplerFeedbackSide:
     """Mixin: reporting feedback, the per-index table and the epoch plan's weights."""
 
     last_feedback = property(lambda self: self.receiver.last_feedback, doc="The latest feedback.")
-    num_feedback = property(lambda self: self._table.num_feedback, doc="Feedback calls received.")
+
+    @property
+    def num_feedback(self) -> int:
+        """Batches fed back (a group counts each of its batches)."""
+        self.receiver.report_held()
+        return self._table.num_feedback
 
     # Under DDP, the other ranks' feedback of the latest step arrives with the next step; reading
     # the table applies what has arrived first (waiting for it), so these always count it all.
     @property
     def ledger(self) -> FeedbackLedger:
-        """The per-index feedback table (every rank's feedback sent so far)."""
+        """The per-index feedback table (every batch reported so far, of every rank)."""
+        self.receiver.report_held()
         self.receiver.apply_arrived()
         return self.receiver.ledger
 
@@ -105,6 +111,18 @@ class SamplerFeedbackSide:
         agree; a rank out of step makes every rank raise.
         """
         self.receiver.receive(self, feedback, exchange=self.expects_feedback)
+
+    def feedback_group(self, group: FeedbackGroup) -> None:
+        """Record several consecutive batches' feedback at once: what a stage sends when
+        :attr:`reads_each_feedback` is false (an epoch plan on one process, no listener), so
+        the work of reporting is paid once per group. Raises as :meth:`feedback` does."""
+        self.receiver.receive_group(group)
+
+    reads_each_feedback = property(
+        lambda self: self.receiver.reads_each_feedback,
+        doc="Whether feedback is read batch by batch (a sizing rule, a listener, several "
+        "ranks); else stages may report groups of batches (:meth:`feedback_group`).",
+    )
 
     # -- epoch plans -----------------------------------------------------------------------------
 

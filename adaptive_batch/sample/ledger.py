@@ -101,20 +101,35 @@ class FeedbackLedger:
                 )
         counts = self._in_flight[indices]
         if not bool(counts.all()):
-            stray = indices[counts == 0]
-            seen = (self._kept[stray] + self._dropped[stray]) > 0
-            why = (
-                "feedback was already given for them (feedback must come once per batch)"
-                if bool(seen.all())
-                else "this sampler never handed them out: is the dataset wrapped in "
-                "IndexedDataset(dataset), and does the loader use this sampler as its batch_sampler?"
-            )
-            raise AdaptiveBatchError(
-                f"feedback names {stray.size} dataset indices that await no feedback (first "
-                f"few: {stray[:8].tolist()}): {why}"
-            )
+            self._refuse(indices[counts == 0])
         self._in_flight[indices] = counts - 1
         self.num_feedback += 1
+
+    def settle_group(self, indices: np.ndarray, batches: int) -> bool:
+        """Mark the candidates of ``batches`` consecutive batches as fed back (an index may be
+        in several, once per hand-out it awaits); returns whether any index repeats."""
+        self._check_range(indices)
+        unique, occurrences = np.unique(indices, return_counts=True)
+        counts = self._in_flight[unique]
+        short = counts < occurrences
+        if bool(short.any()):
+            self._refuse(unique[short])
+        self._in_flight[unique] = counts - occurrences.astype(counts.dtype)
+        self.num_feedback += batches
+        return unique.size != indices.size
+
+    def _refuse(self, stray: np.ndarray) -> None:
+        seen = (self._kept[stray] + self._dropped[stray]) > 0
+        why = (
+            "feedback was already given for them (feedback must come once per batch)"
+            if bool(seen.all())
+            else "this sampler never handed them out: is the dataset wrapped in "
+            "IndexedDataset(dataset), and does the loader use this sampler as its batch_sampler?"
+        )
+        raise AdaptiveBatchError(
+            f"feedback names {stray.size} dataset indices that await no feedback (first "
+            f"few: {stray[:8].tolist()}): {why}"
+        )
 
     def awaiting(self, indices: np.ndarray) -> bool:
         """Whether every one of ``indices`` awaits feedback."""
@@ -136,6 +151,35 @@ class FeedbackLedger:
             else:
                 self._losses[kept] = losses
             self.num_scored += count
+
+    def record_group(
+        self,
+        candidates: np.ndarray,
+        kept: np.ndarray | None,
+        losses: np.ndarray | None,
+        repeats: bool,
+    ) -> None:
+        """Count a group of batches' feedback (see :meth:`settle_group`): each occurrence of an
+        index counts, and its latest loss is the one kept."""
+        if kept is None:
+            kept_indices, dropped = candidates, candidates[:0]
+        else:
+            kept_indices, dropped = candidates[kept], candidates[~kept]
+        if repeats:
+            np.add.at(self._kept, kept_indices, 1)
+            np.add.at(self._dropped, dropped, 1)
+            if losses is not None:  # the latest occurrence's loss, as batch by batch
+                unique, first_from_end = np.unique(candidates[::-1], return_index=True)
+                self._losses[unique] = losses[candidates.size - 1 - first_from_end]
+        else:
+            self._kept[kept_indices] += 1
+            self._dropped[dropped] += 1
+            if losses is not None:
+                self._losses[candidates] = losses
+        self.num_candidates += candidates.size
+        self.num_kept += kept_indices.size
+        if losses is not None:
+            self.num_scored += candidates.size
 
     # -- per epoch ---------------------------------------------------------------------------------
 

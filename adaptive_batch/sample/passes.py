@@ -82,7 +82,7 @@ class SamplerPass(Iterator[list[int]]):
             if self.replay:  # decided before the checkpoint; handed out again as it was
                 size = min(self.replay.pop(0), remaining)
             else:
-                size = sampler.sizer.decide(remaining, sampler.num_feedback)
+                size = sampler.sizer.decide(remaining, sampler._table.num_feedback)
             if size == remaining < sampler.min_batch_size and sampler.drop_last:
                 sampler.tail_dropped()
                 self.position, remaining = self.indices.size, 0

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..contract import Feedback, Progress
+from ..contract import Feedback, FeedbackGroup, Progress
 from ..errors import AdaptiveBatchTypeError
 from .distributed import RankSync, merge_for_sizing
 from .ledger import FeedbackLedger, as_index_array
@@ -26,10 +26,12 @@ __all__ = ["FeedbackReceiver"]
 Listener = Callable[[Any, Feedback], None]
 
 
-def _losses_array(feedback: Feedback) -> np.ndarray | None:
+def _losses_array(feedback: Feedback | FeedbackGroup) -> np.ndarray | None:
     losses = feedback.losses
     if losses is None:
         return None
+    if losses.dtype == torch.float32 and losses.device.type == "cpu" and not losses.requires_grad:
+        return losses.numpy().reshape(-1)  # (a stage's: no conversion to dispatch)
     return losses.detach().to("cpu", torch.float32).reshape(-1).numpy()
 
 
@@ -53,7 +55,7 @@ class FeedbackReceiver:
         self.epoch_size = epoch_size
         self.sync: RankSync | None = None  # set by the sampler under DDP
         self.num_reporters = 0
-        self.last_feedback: Feedback | None = None
+        self._last: Feedback | FeedbackGroup | None = None  # a group's is built when read
         self._sent: deque[tuple[int, int, int] | None] = (
             deque()
         )  # DDP: each unapplied step's context
@@ -72,6 +74,12 @@ class FeedbackReceiver:
         for reporter in (ref() for ref in self._flushers):
             if reporter is not None:  # (not its truth: a stage's len() may be unknown)
                 reporter.flush()
+
+    def report_held(self) -> None:
+        """Ask every reporter to report the batches it holds only to fill a group."""
+        for reporter in (ref() for ref in self._flushers):
+            if reporter is not None and callable(getattr(reporter, "report_held", None)):
+                reporter.report_held()
 
     def batches_held(self) -> int:
         """Batches the reporters have taken but not yet reported (StepFeedback's batch in
@@ -93,6 +101,19 @@ class FeedbackReceiver:
         listener): a stage computes them only then."""
         return self.sizer.rule is not None or bool(self._listeners)
 
+    @property
+    def reads_each_feedback(self) -> bool:
+        """Whether anything reads feedback batch by batch (a sizing rule, a listener, the
+        exchange between ranks): else a stage may report a group of batches at once."""
+        return self.sizer.rule is not None or bool(self._listeners) or self.sync is not None
+
+    @property
+    def last_feedback(self) -> Feedback | None:
+        """The latest batch's feedback."""
+        if isinstance(self._last, FeedbackGroup):
+            self._last = self._last.last()
+        return self._last
+
     # -- per batch -------------------------------------------------------------------------------
 
     def receive(self, sampler: Any, feedback: Feedback, exchange: bool) -> None:
@@ -101,7 +122,7 @@ class FeedbackReceiver:
         when the next one is sent (or a pass starts, a plan is drawn: :meth:`apply_arrived`)."""
         kept, dropped = as_index_array(feedback.kept), as_index_array(feedback.dropped)
         self.ledger.settle(kept if not dropped.size else np.concatenate([kept, dropped]))
-        self.last_feedback = feedback
+        self._last = feedback
         if exchange and self.sync is not None:
             self.apply_arrived()
             self._sent.append(self._context())  # the sizing rule sees the step as it was sent
@@ -111,6 +132,19 @@ class FeedbackReceiver:
             self._size_next(feedback, self._context())
         for listener in self._listeners:
             listener(sampler, feedback)
+
+    def receive_group(self, group: FeedbackGroup) -> None:
+        """Record a group of batches' feedback at once (only when nothing reads each one)."""
+        if self.reads_each_feedback:
+            raise AdaptiveBatchTypeError(
+                "feedback comes batch by batch to a sampler with a sizing rule, listeners or "
+                "several ranks; a group is for epoch plans on one process"
+            )
+        candidates = as_index_array(group.candidates)
+        repeats = self.ledger.settle_group(candidates, group.batches)
+        kept = None if group.kept is None else group.kept.numpy()
+        self.ledger.record_group(candidates, kept, _losses_array(group), repeats)
+        self._last = group
 
     def apply_arrived(self) -> None:
         """Record and size from every rank's feedback sent so far (DDP; waits for it)."""

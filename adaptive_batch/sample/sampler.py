@@ -298,7 +298,7 @@ class AdaptiveBatchSampler(
         """How many indices the next assembled batch takes with ``remaining`` left in the pass."""
         if self.chunk_size is None:
             raise AdaptiveBatchTypeError("plan_batch() is for samplers with a chunk_size")
-        return self.sizer.decide(remaining, self.num_feedback, self.chunk_size)
+        return self.sizer.decide(remaining, self._table.num_feedback, self.chunk_size)
 
     def pass_total(self, indices: Tensor) -> int:
         """How many indices the pass that handed out this chunk hands out in all."""

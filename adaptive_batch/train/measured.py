@@ -3,26 +3,25 @@ the measured batches on their way to the sampler."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..contract import Feedback, Reason
 from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
-from ..probe import HeadLoss, HostCopy, check_model_output, gradient_moments, to_device
+from ..probe import HeadLoss, check_model_output, gradient_moments, to_device
+from .delivery import STAT_NAMES, InTransit
 from .weighted_loss import YieldedRows
 
 __all__ = [
     "STAT_NAMES",
-    "InTransit",
-    "MeasureWarnings",
+    "BatchMeasurement",
     "PendingBatch",
     "check_head_output",
     "losses_of",
@@ -42,6 +41,9 @@ class PendingBatch(YieldedRows):
     features: list[Tensor] = field(default_factory=list)  # when statistics are wanted
     outputs: list[Tensor] = field(default_factory=list)
     part_losses: list[Tensor] = field(default_factory=list)  # else: losses, computed at once
+    # or, when the weighted loss shares its losses: each forward's head output (dropped once
+    # its losses came) and first row, to compute them from if they do not come
+    head_outputs: list[tuple[Tensor | None, int]] = field(default_factory=list)
     captured: int = 0
     losses: Tensor | None = None  # reported directly (report_losses)
     thread: int = field(default_factory=threading.get_ident)  # the thread that trains it
@@ -57,61 +59,6 @@ class PendingBatch(YieldedRows):
             return None
         mask = self.kept_parts[0] if len(self.kept_parts) == 1 else torch.cat(self.kept_parts)
         return mask if mask.numel() == self.rows else None
-
-
-STAT_NAMES = ("loss", "grad_sq_norm", "grad_variance")
-
-
-class _Warns(Protocol):
-    def warn_nonfinite(self, bad: int, rows: int) -> None: ...
-
-
-@dataclass
-class InTransit:
-    """A measured batch on its way to the sampler: its losses (after ``stats`` statistics, and
-    followed by an in-batch rule's kept mask when ``selected``) copying to the host."""
-
-    indices: Tensor
-    copy: HostCopy | None  # None: unmeasured
-    stats: int
-    on_accelerator: bool = False
-    selected: bool = False
-
-    @classmethod
-    def of(cls, indices: Tensor, packed: Tensor, stats: int, kept: Tensor | None) -> InTransit:
-        """``packed`` (statistics and losses) and the kept mask, sent to the host in one copy."""
-        if kept is not None:
-            packed = torch.cat([packed, kept.to(packed.dtype)])
-        on_accelerator = packed.device.type != "cpu"
-        return cls(indices, HostCopy(packed), stats, on_accelerator, kept is not None)
-
-    def feedback(self, stage: _Warns) -> Feedback:
-        empty = self.indices[:0]
-        if self.copy is None:
-            return Feedback(self.indices, empty, Reason.UNMEASURED, {"loss": math.nan})
-        host = self.copy.result()
-        rows = self.indices.numel()
-        losses = host[self.stats : self.stats + rows]
-        values = losses.numpy()
-        finite = np.isfinite(values)
-        if not finite.all():
-            stage.warn_nonfinite(int((~finite).sum()), values.size)
-        if self.stats:
-            stats = dict(zip(STAT_NAMES, host[: self.stats].tolist(), strict=True))
-        else:
-            mean = (
-                float(np.add.reduce(values, dtype=np.float64)) / values.size
-                if values.size
-                else math.nan
-            )
-            stats = {"loss": mean}
-        if self.selected:  # an in-batch rule chose: the kept, then the dropped
-            kept = host[self.stats + rows :] > 0.5
-            stats["kept_fraction"] = float(kept.float().mean())
-            order = torch.cat([losses[kept], losses[~kept]])
-            return Feedback(self.indices[kept], self.indices[~kept], Reason.SELECTED, stats, order)
-        reason = Reason.KEEP_ALL if math.isfinite(stats["loss"]) else Reason.NONFINITE
-        return Feedback(self.indices, empty, reason, stats, losses=losses)
 
 
 def tensors_in(output: Any) -> list[Tensor]:
@@ -155,6 +102,18 @@ def why_unmeasured(pending: PendingBatch, head: nn.Module | None) -> tuple[str, 
     )
 
 
+def _joined(parts: list[Tensor]) -> Tensor:
+    """The forwards' parts as one tensor (the one part itself: no copy)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _full_precision(device_type: str) -> contextlib.AbstractContextManager[Any]:
+    """Autocast switched off, if it is on (entering ``torch.autocast`` costs tens of us)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
     """Per-sample losses of one forward's (detached) head outputs, in float32 at least, on the
     outputs' device: no graph is built and nothing waits for the device."""
@@ -170,11 +129,12 @@ def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
 def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -> Tensor:
     """The batch's statistics then per-sample losses, packed into one tensor for one transfer:
     the head-gradient moments in closed form, ``O(B (C + D))``."""
-    features, outputs = torch.cat(pending.features), torch.cat(pending.outputs)
+    features, outputs = _joined(pending.features), _joined(pending.outputs)
     dtype = torch.promote_types(features.dtype, torch.float32)
     targets = to_device(pending.targets, outputs.device)
-    with torch.no_grad(), torch.autocast(outputs.device.type, enabled=False):
-        features, outputs = features.to(dtype), outputs.to(dtype)
+    with torch.no_grad(), _full_precision(outputs.device.type):
+        if features.dtype != dtype or outputs.dtype != dtype:
+            features, outputs = features.to(dtype), outputs.to(dtype)
         losses = loss.losses(outputs, targets)
         moments = gradient_moments(head, features, lambda: loss.gradients(outputs, targets))
         if moments is None:
@@ -218,15 +178,88 @@ def weak_hook(stage: object, name: str) -> Any:
     return hook
 
 
-class MeasureWarnings:
-    """Mixin of :class:`~adaptive_batch.StepFeedback`: measuring a batch it yielded, and each
-    reason a batch went unmeasured (or unselected), and non-finite losses, said once."""
+class BatchMeasurement:
+    """Mixin of :class:`~adaptive_batch.StepFeedback`: what the forward hooks capture of the
+    batch being trained, measuring it once its step is over, and each reason a batch went
+    unmeasured (or unselected), and non-finite losses, said once."""
 
     head: nn.Module | None
     loss: HeadLoss
+    shares_losses: bool
     in_batch: Any
     num_unmeasured: int
+    wants_statistics: bool
     _warned: set[str]
+    _pending: PendingBatch | None
+    _output_checked: bool
+    _hooks: list[Any]
+    _head_output: tuple[int, Any] | None
+
+    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        pending = self._pending
+        if pending is None or not args:
+            return  # no batch in training
+        if not module.training or not torch.is_grad_enabled():
+            pending.skipped = "eval" if not module.training else "no_grad"
+            return  # an evaluation forward
+        if threading.get_ident() != pending.thread:
+            raise AdaptiveBatchError(
+                "the batch StepFeedback handed out last was handed out in another thread than "
+                "the one training: nothing may prefetch after the stage (put a Prefetcher before "
+                "StepFeedbackNode, never after it)"
+            )
+        features = args[0]
+        if not (isinstance(features, Tensor) and isinstance(output, Tensor)):
+            return
+        rows = features.shape[0]
+        start = pending.captured
+        if start + rows > pending.rows:
+            return  # more rows than the batch has: another forward of the same batch
+        if not self._output_checked:
+            pending.last_output = output.detach()  # for the one check of the model's output
+        targets = pending.targets
+        if self.wants_statistics or not isinstance(targets, Tensor) or pending.rows != len(targets):
+            pending.features.append(features.detach().clone())
+            pending.outputs.append(output.detach().clone())
+        elif self.shares_losses:  # the weighted loss computes them: keep the output till then
+            pending.head_outputs.append((output.detach(), start))
+        else:  # an epoch plan reads losses only: compute them now, keep nothing else
+            part = targets if rows == pending.rows else targets[start : start + rows]
+            pending.part_losses.append(losses_of(self.loss, output.detach(), part))
+            self._head_output = (output.data_ptr(), output.shape)
+        pending.captured += rows
+
+    def own_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The stage's per-sample loss of ``outputs`` (for ``weighted()``), with its graph; when
+        ``outputs`` is the head output the hook saw, these values are the batch's feedback too,
+        and the hook stops computing its own from the next batch on."""
+        losses = losses_of(self.loss, outputs, targets)
+        pending = self._pending
+        if pending is None:
+            return losses
+        done = len(pending.part_losses)
+        if pending.head_outputs and done < len(pending.head_outputs):
+            output, start = pending.head_outputs[done]
+            if output is not None and _same_tensor(output, outputs):
+                pending.part_losses.append(losses.detach())
+                pending.head_outputs[done] = (None, start)  # its memory is not held any longer
+        elif self._head_output == (outputs.data_ptr(), outputs.shape):
+            self.shares_losses = True
+        return losses
+
+    def _check_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """The model's output must be its head's (or a view of it): checked once, on the first
+        training forward the head took part in."""
+        pending = self._pending
+        if self._output_checked or pending is None or pending.last_output is None:
+            return
+        if not module.training or not torch.is_grad_enabled():
+            return
+        self._output_checked = True
+        head_output, pending.last_output = pending.last_output, None
+        if len(self._hooks) > 1:
+            self._hooks.pop().remove()
+        check_head_output(output, head_output, self.head)
 
     def _measure(self, pending: PendingBatch) -> InTransit:
         stats = 0
@@ -236,6 +269,8 @@ class MeasureWarnings:
             self.num_unmeasured += 1
             self._warn_unmeasured(pending)
             return InTransit(pending.indices, None, 0)
+        elif pending.head_outputs:  # deferred to the weighted loss
+            packed = self._deferred_losses(pending)
         elif pending.part_losses:
             parts = pending.part_losses
             packed = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -247,6 +282,21 @@ class MeasureWarnings:
             self._warn_unweighted()
         self._check_plan_weights_used(pending)
         return InTransit.of(pending.indices, packed, stats, kept)
+
+    def _deferred_losses(self, pending: PendingBatch) -> Tensor:
+        """The losses the weighted loss shared, and those of the forwards it did not see
+        (computed now from their head outputs; sharing stops until it shares again)."""
+        parts = list(pending.part_losses)
+        missing = pending.head_outputs[len(parts) :]
+        if missing:
+            self.shares_losses = False
+            targets = pending.targets
+            for output, start in missing:
+                assert output is not None
+                rows = output.shape[0]
+                part = targets if rows == pending.rows else targets[start : start + rows]
+                parts.append(losses_of(self.loss, output, part))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _warn_unmeasured(self, pending: PendingBatch) -> None:
         key, why = why_unmeasured(pending, self.head)
@@ -270,27 +320,6 @@ class MeasureWarnings:
                 stacklevel=4,
             )
 
-    def _check_plan_weights_used(self, pending: PendingBatch) -> None:
-        """Until the first batch whose epoch plan weighs it: say once if those weights never
-        reached the loss (the loss did not go through ``batches.weighted``)."""
-        if "plan_weights" in self._warned:
-            return
-        weights = pending.weights
-        if weights is None and pending.weight_offset == 0:
-            weights = self.sampler.weights_of(pending.indices)  # O(batch), until the first
-        if weights is None:
-            return
-        self._warned.add("plan_weights")  # checked once: used, or said now
-        if pending.weight_offset == 0:
-            warnings.warn(
-                f"the epoch plan ({type(self.sampler.policy).__name__}) weighs the samples of "
-                "this batch, but its loss did not go through batches.weighted(...), so the "
-                "weights never reached it (InfoBatch's rescaling is lost). Compute the loss with "
-                "loss_fn = batches.weighted(<per-sample loss, reduction='none'>).",
-                AdaptiveBatchWarning,
-                stacklevel=4,
-            )
-
     def warn_nonfinite(self, bad: int, rows: int) -> None:
         """Say once that a batch had NaN or infinite per-sample losses."""
         if "nonfinite" not in self._warned:
@@ -303,3 +332,8 @@ class MeasureWarnings:
                 AdaptiveBatchWarning,
                 stacklevel=5,
             )
+
+
+def _same_tensor(captured: Tensor, given: Tensor) -> bool:
+    """Whether ``given`` is the tensor the hook captured (detached: the same memory)."""
+    return captured.data_ptr() == given.data_ptr() and captured.shape == given.shape

@@ -8,11 +8,11 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from ..contract import (
     Feedback,
+    FeedbackGroup,
     FeedbackSink,
     check_feedback_sink,
     check_fetched_ahead,
@@ -30,12 +30,10 @@ from ..probe import (
     find_head,
     resolve_loss,
 )
+from .delivery import Delivery, InTransit
 from .measured import (
-    InTransit,
-    MeasureWarnings,
+    BatchMeasurement,
     PendingBatch,
-    check_head_output,
-    losses_of,
     weak_hook,
 )
 from .weighted_loss import PlanWeights
@@ -43,7 +41,7 @@ from .weighted_loss import PlanWeights
 __all__ = ["StepFeedback"]
 
 
-class StepFeedback(PlanWeights, MeasureWarnings):
+class StepFeedback(BatchMeasurement, PlanWeights, Delivery):
     """Yields the loader's batches unchanged and reports each one's feedback from your own
     training forward: no extra forward pass.
 
@@ -94,7 +92,11 @@ class StepFeedback(PlanWeights, MeasureWarnings):
 
     Losses and statistics never leave the model's device inside a step: they are computed there
     (the statistics only when a sizing rule or a listener reads them: an epoch plan needs the
-    per-sample losses alone) and copied to pinned host memory without blocking.
+    per-sample losses alone) and copied to pinned host memory without blocking. When nothing
+    reads feedback batch by batch (an epoch plan on one process: no sizing rule, no listener),
+    a group of batches is reported at once (``sampler.feedback_group``); reading the sampler's
+    table reports the held ones first. ``weighted()`` without a loss trains on this stage's
+    ``loss`` and reports the same values: the per-sample loss is computed once per step.
 
     Example:
         >>> import torch
@@ -154,7 +156,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
             # The hooks hold the stage weakly: dropping the stage removes them, and no reference
             # cycle keeps a loader (and its workers) alive until the garbage collector runs.
             self._hooks.append(self.head.register_forward_hook(weak_hook(self, "_capture")))
-            if self.head is not model:
+            if self.head is not model:  # removed once it has checked (a hook costs every call)
                 self._hooks.append(model.register_forward_hook(weak_hook(self, "_check_output")))
             for handle in self._hooks:
                 weakref.finalize(self, handle.remove)
@@ -163,7 +165,11 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         sampler.register_reporter(self)
         self.in_batch = in_batch_rule_of(sampler.policy)
         self.num_candidates = self.num_batches = self.num_unmeasured = 0
-        self.last_feedback: Feedback | None = None
+        self._last: Feedback | FeedbackGroup | None = None  # a group's is built when read
+        self._pass_ended = False  # the source is done: what is left reports at once
+        self._training_thread: int | None = None
+        self.shares_losses = False  # whether the weighted loss computes the feedback's losses
+        self._head_output: tuple[int, Any] | None = None  # where the hook's last output lives
         self._pending: PendingBatch | None = None
         self._transit: deque[InTransit] = deque()  # measured, on their way to the host
         self._warned: set[str] = set()
@@ -195,6 +201,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         does; a node calls it on ``reset()``)."""
         self.settle()
         self._deliver(0)  # every report in before the sampler plans the next pass
+        self._pass_ended = False
         self._ahead.clear()
         if self._assembler is not None:
             self._assembler.reset()
@@ -212,6 +219,7 @@ class StepFeedback(PlanWeights, MeasureWarnings):
         if batch is None:
             if not self.fetched_ahead:  # (a trainer's last step may not have run yet)
                 self.settle()
+            self._pass_ended = True  # (and a trainer's last steps report at once)
             self._deliver(0)
             return None
         return self.hand_out(batch)
@@ -269,48 +277,6 @@ class StepFeedback(PlanWeights, MeasureWarnings):
 
     # -- what the training step shows ------------------------------------------------------------
 
-    def _capture(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        pending = self._pending
-        if pending is None or not args:
-            return  # no batch in training
-        if not module.training or not torch.is_grad_enabled():
-            pending.skipped = "eval" if not module.training else "no_grad"
-            return  # an evaluation forward
-        if threading.get_ident() != pending.thread:
-            raise AdaptiveBatchError(
-                "the batch StepFeedback handed out last was handed out in another thread than "
-                "the one training: nothing may prefetch after the stage (put a Prefetcher before "
-                "StepFeedbackNode, never after it)"
-            )
-        features = args[0]
-        if not (isinstance(features, Tensor) and isinstance(output, Tensor)):
-            return
-        rows = features.shape[0]
-        start = pending.captured
-        if start + rows > pending.rows:
-            return  # more rows than the batch has: another forward of the same batch
-        if not self._output_checked:
-            pending.last_output = output.detach()  # for the one check of the model's output
-        targets = pending.targets
-        if self.wants_statistics or not isinstance(targets, Tensor) or pending.rows != len(targets):
-            pending.features.append(features.detach().clone())
-            pending.outputs.append(output.detach().clone())
-        else:  # an epoch plan reads losses only: compute them now, keep nothing else
-            part = targets if rows == pending.rows else targets[start : start + rows]
-            pending.part_losses.append(losses_of(self.loss, output.detach(), part))
-        pending.captured += rows
-
-    def _check_output(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        """The model's output must be its head's (or a view of it): checked once, on the first
-        training forward the head took part in."""
-        pending = self._pending
-        if self._output_checked or pending is None or pending.last_output is None:
-            return
-        if not module.training or not torch.is_grad_enabled():
-            return
-        self._output_checked = True
-        check_head_output(output, pending.last_output, self.head)
-
     def report_losses(self, losses: Tensor) -> None:
         """Report the per-sample losses of the batch just yielded yourself (``[B]``, in batch
         order): for a model without a hookable head, or a loss computed elsewhere."""
@@ -330,20 +296,8 @@ class StepFeedback(PlanWeights, MeasureWarnings):
             self._transit.append(self._measure(pending))
             self.num_batches += 1
             self.num_candidates += pending.rows
-        self._deliver(self._lag())
-
-    def _lag(self) -> int:
-        if self.report_lag is not None:
-            return self.report_lag
-        newest = self._transit[-1] if self._transit else None
-        return 1 if newest is not None and newest.on_accelerator else 0
-
-    def _deliver(self, keep: int) -> None:
-        """Report the oldest measured batches to the sampler until ``keep`` remain in transit."""
-        while len(self._transit) > keep:
-            feedback = self._transit.popleft().feedback(self)
-            self.sampler.feedback(feedback)
-            self.last_feedback = feedback
+            self._training_thread = pending.thread
+        self._deliver_due()
 
     # -- checkpointing ------------------------------------------------------------------------------
 

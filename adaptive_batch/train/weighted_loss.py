@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ..contract import plan_rule_of
-from ..errors import AdaptiveBatchError, AdaptiveBatchWarning
+from ..errors import AdaptiveBatchError, AdaptiveBatchTypeError, AdaptiveBatchWarning
 from ..probe import LossFn, to_device
 
 __all__ = ["PlanWeights", "WeightedLoss", "YieldedRows"]
@@ -21,17 +21,21 @@ class WeightedLoss:
     """A per-sample loss weighted by the current epoch plan and averaged, for the batch a stage
     just yielded: InfoBatch's rescaling without a change to the loop body. With an in-batch rule
     (Co-teaching's small-loss), the samples it leaves out weigh 0 and the loss is the mean over
-    the kept.
+    the kept. Without ``loss_fn``, the stage's own per-sample loss (``StepFeedback(loss=...)``),
+    whose values are then also the batch's feedback: the losses are computed once per step.
 
     Called on the whole batch, or on consecutive parts of it (micro-batches), in order.
     """
 
-    def __init__(self, loss_fn: LossFn, stage: PlanWeights) -> None:
+    def __init__(self, loss_fn: LossFn | None, stage: PlanWeights) -> None:
         self.loss_fn = loss_fn
         self.stage = stage
 
     def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        losses = self.loss_fn(outputs, targets)
+        if self.loss_fn is None:
+            losses = self.stage.own_losses(outputs, targets)
+        else:
+            losses = self.loss_fn(outputs, targets)
         if losses.dim() != 1:
             raise AdaptiveBatchError(
                 "WeightedLoss needs per-sample losses: give a loss with reduction='none' "
@@ -44,7 +48,12 @@ class WeightedLoss:
             mask, kept = selected
             scale = mask.to(losses.dtype) * (rows / kept)
             weights = scale if weights is None else weights * scale
-        return (losses if weights is None else losses * weights).mean()
+        if weights is None:
+            return losses.mean()
+        # one fused op where (losses * weights).mean() takes two, forward and backward
+        if weights.dtype != losses.dtype:
+            weights = weights.to(losses.dtype)
+        return losses.dot(weights) / rows
 
 
 @dataclass
@@ -80,10 +89,20 @@ class PlanWeights:
             pending.weights = self.sampler.weights_of(pending.indices)
         return pending.weights
 
-    def weighted(self, loss_fn: LossFn) -> WeightedLoss:
+    def weighted(self, loss_fn: LossFn | None = None) -> WeightedLoss:
         """``loss_fn`` (per-sample: ``reduction="none"``) weighted by the epoch plan, averaged:
-        create it once and call it as your loss; the loop body does not change."""
+        create it once and call it as your loss; the loop body does not change. Without
+        ``loss_fn`` (StepFeedback): the stage's own loss, computed once for both the training
+        step and the feedback."""
         return WeightedLoss(loss_fn, self)
+
+    def own_losses(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The stage's own per-sample loss of ``outputs`` (what ``weighted()`` without a loss
+        trains on)."""
+        raise AdaptiveBatchTypeError(
+            f"{type(self).__name__}.weighted() needs the per-sample loss to weigh: "
+            "weighted(<loss with reduction='none'>)"
+        )
 
     def next_weights(self, rows: int, device: torch.device) -> Tensor | None:
         """The weights of the next ``rows`` samples of the batch just yielded, on ``device``

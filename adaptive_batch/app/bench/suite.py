@@ -94,7 +94,7 @@ def _overhead(out: Path, device: torch.device, quick: bool) -> None:
     from .overhead import math_vs_step, sampler_throughput, step_overhead
 
     sizes = (5_000,) if quick else (50_000, 1_000_000, 10_000_000, 100_000_000)
-    costs = measure_host_cost(sizes, rounds=2 if quick else 7, steps=5 if quick else 40, log=print)
+    costs = measure_host_cost(sizes, rounds=2 if quick else 15, steps=5 if quick else 20, log=print)
     _write(
         out,
         "host-cost",
