@@ -102,6 +102,22 @@ def test_linear_head_statistics_over_positions_match_a_per_sample_loop(
     torch.testing.assert_close(mean_sq, grads.mean(0).square().sum())
 
 
+@pytest.mark.parametrize("weight, bias", [(True, True), (True, False), (False, True)])
+def test_linear_head_statistics_of_flat_inputs_match_a_per_sample_loop(weight, bias):
+    # [B, D] inputs take their own short path: each sample's gradient written out by hand
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(9, 5, generator=gen, dtype=torch.float64)
+    delta = torch.randn(9, 4, generator=gen, dtype=torch.float64)
+    grads = []
+    for a, d in zip(features, delta, strict=True):
+        parts = ([torch.outer(d, a).flatten()] if weight else []) + ([d] if bias else [])
+        grads.append(torch.cat(parts))
+    grads = torch.stack(grads)
+    sq_norms, mean_sq = linear_head_moments(features, delta, weight_term=weight, bias_term=bias)
+    torch.testing.assert_close(sq_norms, grads.square().sum(1))
+    torch.testing.assert_close(mean_sq, grads.mean(0).square().sum())
+
+
 def test_sequence_losses_and_their_gradients_match_a_per_sequence_loop():
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(5, STEPS, VOCAB, generator=gen, dtype=torch.float64)

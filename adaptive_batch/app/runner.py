@@ -248,11 +248,13 @@ def train(
     weighted = pipeline.recipe is not None and pipeline.recipe.weighted
     # An in-batch rule picks the trained samples on the device: counted without reading them back.
     in_batch = isinstance(pipeline.stage, StepFeedback) and pipeline.stage.in_batch is not None
-    criterion: Callable[[Tensor, Tensor], Tensor] = (
-        pipeline.stage.weighted(lambda out, y: F.cross_entropy(out, y, reduction="none"))
-        if weighted
-        else F.cross_entropy
-    )
+    criterion: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+    if weighted and isinstance(pipeline.stage, StepFeedback):  # its loss: cross-entropy, shared
+        criterion = pipeline.stage.weighted()
+    elif weighted:
+        criterion = pipeline.stage.weighted(
+            lambda out, y: F.cross_entropy(out, y, reduction="none")
+        )
     logger = None
     if trajectory is not None and pipeline.sampler is not None:
         Path(trajectory).unlink(missing_ok=True)

@@ -154,13 +154,11 @@ def linear_head_moments(
         ([3.0, 2.0], 2.0)
     """
     _check_terms(weight_term, bias_term)
+    if features.dim() == 2 and delta.dim() == 2 and features.shape[0] == delta.shape[0]:
+        return _flat_linear_head_moments(features, delta, weight_term, bias_term)
     a, d = _token_view(features, delta, "linear_head_moments")
     (batch, steps, width), classes = a.shape, d.shape[-1]
-    if steps == 1:  # one position per sample: two row norms, no batched matmul
-        flat_a, flat_d = a[:, 0], d[:, 0]
-        sq_a = flat_a.square().sum(1) if weight_term else flat_a.new_zeros(batch)
-        sq_norms = flat_d.square().sum(1) * (sq_a + float(bias_term))
-    elif steps * steps <= classes * (width + 1):
+    if steps * steps <= classes * (width + 1):
         inner = a @ a.transpose(1, 2) if weight_term else a.new_zeros(batch, steps, steps)
         sq_norms = ((d @ d.transpose(1, 2)) * (inner + float(bias_term))).sum(dim=(1, 2))
     else:
@@ -176,6 +174,23 @@ def linear_head_moments(
         gram = linear_head_gram(features, delta, weight_term=weight_term, bias_term=bias_term)
         mean_sq = gram.sum() / batch**2
     return sq_norms, mean_sq.clamp_min(0.0)
+
+
+def _flat_linear_head_moments(
+    a: Tensor, d: Tensor, weight_term: bool, bias_term: bool
+) -> tuple[Tensor, Tensor]:
+    """:func:`linear_head_moments` for ``[B, D]`` inputs in a dozen ops (a step pays each op's
+    launch): two row norms, and the mean gradient ``d^T a / B`` with the bias's ``sum d / B``."""
+    batch = a.shape[0]
+    d_sq = d.square().sum(1)
+    if weight_term:
+        sq_norms = d_sq * (a.square().sum(1) + float(bias_term))
+        total = (d.T @ a).square().sum()
+        if bias_term:
+            total = total + d.sum(0).square().sum()
+    else:
+        sq_norms, total = d_sq, d.sum(0).square().sum()
+    return sq_norms, (total / batch**2).clamp_min(0.0)
 
 
 def gradient_moments(

@@ -104,6 +104,8 @@ class _WithLibrary:
                 self.loss = self.stage.weighted(
                     lambda z, y: F.cross_entropy(z, y, reduction="none")
                 )
+        elif stage == "step-plain-loss":  # a sizing rule weighs nothing: the loop's own loss
+            self.stage = StepFeedback(None, self.model, sampler=self.sampler)
         elif stage == "filter":
             self.stage = SubsetFilter(None, self.model, sampler=self.sampler)
         elif self.sampler.expects_feedback:
@@ -147,7 +149,7 @@ VARIANTS: dict[str, tuple[Callable[[], Any], str, bool]] = {
     ),
     "StepFeedback + stale-SB": (lambda: StaleSelectiveBackprop(num_epochs=1000), "step", True),
     "StepFeedback + small-loss plan": (lambda: SmallLoss(warmup_epochs=0), "step", True),
-    "StepFeedback + GNS (moments)": (lambda: GradientNoiseScale(), "step", False),
+    "StepFeedback + GNS (moments)": (lambda: GradientNoiseScale(), "step-plain-loss", False),
     "SubsetFilter + keep-all (look-ahead forward)": (lambda: KeepAll(), "filter", False),
 }
 
