@@ -7,7 +7,7 @@ from collections import namedtuple
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from adaptive_batch import (
     AdaptiveBatchSampler,
@@ -246,3 +246,20 @@ def test_the_sampler_given_as_sampler_is_met_with_batch_sampler_advice(stage):
         adaptive_batch.AdaptiveBatchError, match=r"pass it as batch_sampler= instead"
     ):
         getattr(adaptive_batch, stage)(loader, nn.Linear(3, 2), sampler=sampler)
+
+
+def test_an_indexed_dataset_fetches_a_batch_at_once_through_the_dataset_s_own_getitems():
+    class Batched(TensorDataset):
+        calls = 0
+
+        def __getitems__(self, indices):
+            Batched.calls += 1
+            return [self[i] for i in indices]
+
+    for base in (TensorDataset, Batched):
+        data = base(torch.arange(10.0), torch.arange(10) % 3)
+        sampler = AdaptiveBatchSampler(data, batch_size=4, min_batch_size=2, seed=1)
+        batches = list(DataLoader(IndexedDataset(data), batch_sampler=sampler))
+        assert [b.index.tolist() for b in batches] == [b.sample[0].long().tolist() for b in batches]
+        assert sorted(sum((b.index.tolist() for b in batches), [])) == list(range(10))
+    assert Batched.calls == len(batches)  # one call per batch, none per sample

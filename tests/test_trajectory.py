@@ -196,3 +196,27 @@ def test_bad_arguments_are_refused():
         TrajectoryLogger(sampler, csv_path="x.csv", every=0)
     with pytest.raises(TypeError, match="callable"):
         sampler.add_listener("not a function")
+
+
+@pytest.mark.parametrize("statistics", [False, True])
+def test_the_logger_has_statistics_computed_only_when_asked_or_needed(tmp_path, statistics):
+    from adaptive_batch.policies import InfoBatch
+
+    data = blobs(64)
+    model = nn.Sequential(nn.Linear(8, 3))
+    sampler = AdaptiveBatchSampler(data, policy=InfoBatch(num_epochs=2), batch_size=16)
+    batches = StepFeedback(
+        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
+    )
+    log = TrajectoryLogger(sampler, csv_path=tmp_path / "run.csv", statistics=statistics)
+    # an epoch plan reads losses only: the head's gradient statistics are the logger's to ask for
+    assert batches.wants_statistics is statistics
+    train(batches, model)
+    log.close()
+    rows = read_rows(tmp_path / "run.csv")
+    assert len(rows) == 4 and all(row["loss"] for row in rows)
+    assert ("grad_sq_norm" in rows[0]) is statistics
+    # a sizing rule needs them whatever the logger says
+    rule = AdaptiveBatchSampler(data, policy=GradientNoiseScale(), batch_size=16)
+    TrajectoryLogger(rule, csv_path=tmp_path / "gns.csv")
+    assert rule.wants_gradient_statistics

@@ -58,6 +58,16 @@ class IndexedDataset(Dataset):
             )
         return IndexedSample(index, self.dataset[index])
 
+    def __getitems__(self, indices: list[int]) -> list[IndexedSample]:
+        """A batch's samples at once (what ``DataLoader`` asks a batch sampler's batch for): the
+        wrapped dataset's own ``__getitems__`` if it has one, and none of ``__getitem__``'s
+        per-sample checks (this is a list of indices by construction)."""
+        getitems = getattr(self.dataset, "__getitems__", None)
+        samples = (
+            getitems(indices) if getitems is not None else map(self.dataset.__getitem__, indices)
+        )
+        return list(map(IndexedSample, indices, samples))
+
 
 def split_indexed(batch: Any, *, required: bool) -> tuple[Tensor | None, Any]:
     """``(dataset indices, batch)`` of a collated batch: the indices an
@@ -97,7 +107,10 @@ def fetch_batch(
         >>> fetch_batch(IndexedDataset(TensorDataset(torch.arange(4.0))), [3, 1]).index.tolist()
         [3, 1]
     """
-    return collate_fn([dataset[i] for i in indices])
+    getitems = getattr(dataset, "__getitems__", None)
+    return collate_fn(
+        getitems(list(indices)) if getitems is not None else [dataset[i] for i in indices]
+    )
 
 
 def check_not_resharded(batches: Any, sampler: Any) -> None:

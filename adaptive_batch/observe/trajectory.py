@@ -42,8 +42,8 @@ class TrajectoryLogger:
     rule's request before the caps), running totals of candidates and kept samples (over all
     ranks), the learning rate of ``optimizer``'s first parameter group, the selection's reason,
     the gradient-noise estimates where the sizing rule keeps them, and every number the stage
-    and the policy reported (``loss``, ``grad_sq_norm``, ``grad_variance``, a selection rule's
-    own statistics). Rows go to ``csv_path`` (a column appears when its number first does) and as
+    and the policy reported (``loss``; ``grad_sq_norm`` and ``grad_variance`` when a sizing rule
+    has a stage compute them, or with ``statistics=True``; a selection rule's own statistics). Rows go to ``csv_path`` (a column appears when its number first does) and as
     scalars tagged ``adaptive_batch/<column>`` to a TensorBoard ``SummaryWriter`` in
     ``tensorboard_dir`` (``pip install "adaptive-batch[tensorboard]"``); reasons are logged as
     running counts, ``adaptive_batch/reason/<reason>``.
@@ -75,12 +75,16 @@ class TrajectoryLogger:
         optimizer: Any = None,
         every: int = 1,
         all_ranks: bool = False,
+        statistics: bool = False,
     ) -> None:
         if csv_path is None and tensorboard_dir is None:
             raise AdaptiveBatchError("give the logger a csv_path, a tensorboard_dir, or both")
         if every < 1:
             raise AdaptiveBatchError(f"every must be at least 1; got {every}")
         self.sampler, self.optimizer, self.every = sampler, optimizer, every
+        # read by the sampler: head-gradient statistics cost a closed form per step, so they are
+        # logged when a sizing rule needs them anyway, or when asked for
+        self.wants_gradient_statistics = statistics
         self.rows_written = 0
         self.reasons: Counter[str] = Counter()
         self._table = None

@@ -98,8 +98,11 @@ class FeedbackReceiver:
     @property
     def wants_gradient_statistics(self) -> bool:
         """Whether anything reads the batch statistics beyond the losses (a sizing rule, a
-        listener): a stage computes them only then."""
-        return self.sizer.rule is not None or bool(self._listeners)
+        listener that does not say ``wants_gradient_statistics = False``): a stage computes
+        them only then."""
+        return self.sizer.rule is not None or any(
+            getattr(listener, "wants_gradient_statistics", True) for listener in self._listeners
+        )
 
     @property
     def reads_each_feedback(self) -> bool:
