@@ -261,5 +261,5 @@ def test_an_indexed_dataset_fetches_a_batch_at_once_through_the_dataset_s_own_ge
         sampler = AdaptiveBatchSampler(data, batch_size=4, min_batch_size=2, seed=1)
         batches = list(DataLoader(IndexedDataset(data), batch_sampler=sampler))
         assert [b.index.tolist() for b in batches] == [b.sample[0].long().tolist() for b in batches]
-        assert sorted(sum((b.index.tolist() for b in batches), [])) == list(range(10))
+        assert sorted(torch.cat([b.index for b in batches]).tolist()) == list(range(10))
     assert Batched.calls == len(batches)  # one call per batch, none per sample
