@@ -65,8 +65,11 @@ class _Plain:
     """The loop without the library: batches of a permutation, as a DataLoader's BatchSampler
     over a RandomSampler hands them out (a list of indices, made a tensor)."""
 
-    def __init__(self, size: int, batch: int) -> None:
+    def __init__(self, size: int, batch: int, per_sample: bool = False) -> None:
         self.order = torch.randperm(size)
+        # per_sample: the loss as per-sample losses weighted by hand (what any pruning method's
+        # loop must compute), the floor under the library's figure for an epoch plan
+        self.weights = torch.rand(batch) if per_sample else None
         self.batch = batch
         self.position = 0
         self.model = tiny_model()
@@ -79,7 +82,11 @@ class _Plain:
         self.position += self.batch
         x, y = make_batch(torch.tensor(indices))
         self.optimizer.zero_grad()
-        F.cross_entropy(self.model(x), y).backward()
+        if self.weights is None:
+            F.cross_entropy(self.model(x), y).backward()
+        else:
+            losses = F.cross_entropy(self.model(x), y, reduction="none")
+            (losses.dot(self.weights) / self.batch).backward()
         self.optimizer.step()
 
 
@@ -140,6 +147,7 @@ def _load_random_scores(sampler: AdaptiveBatchSampler) -> None:
 
 
 VARIANTS: dict[str, tuple[Callable[[], Any], str, bool]] = {
+    "no library: per-sample losses, weighted by hand": (lambda: None, "per-sample", False),
     "sampler alone (no policy)": (lambda: None, "none", False),
     "StepFeedback + InfoBatch (weighted loss)": (lambda: InfoBatch(num_epochs=1000), "step", True),
     "StepFeedback + InfoBatch (weighted(your loss))": (
@@ -180,7 +188,11 @@ def measure_host_cost(
         for name in variants:
             make_policy, stage, scores = VARIANTS[name]
             start = time.thread_time()
-            variant = _WithLibrary(size, batch, make_policy(), stage, scores)
+            variant: Any = (
+                _Plain(size, batch, per_sample=True)
+                if stage == "per-sample"
+                else _WithLibrary(size, batch, make_policy(), stage, scores)
+            )
             variant.step()  # the epoch's plan and order are decided here
             epoch_start = time.thread_time() - start
             for _ in range(3):  # warm-up
