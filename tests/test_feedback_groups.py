@@ -232,3 +232,19 @@ def test_a_group_with_non_finite_losses_warns_once():
             x[0] = float("nan")
             F.cross_entropy(model(x), y)
     assert sampler.ledger.losses.isnan().sum() == sampler.num_feedback
+
+
+def test_a_weighted_loss_over_more_rows_than_the_batch_is_a_clear_error():
+    torch.manual_seed(0)
+    data = blobs(40)
+    model = nn.Sequential(nn.Linear(8, 3))
+    sampler = AdaptiveBatchSampler(
+        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
+    )
+    batches = StepFeedback(
+        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
+    )
+    loss_fn = batches.weighted()
+    x, y = next(iter(batches))
+    with pytest.raises(AdaptiveBatchError, match="got 16 rows, but the batch just yielded has 8"):
+        loss_fn(model(torch.cat([x, x])), torch.cat([y, y]))

@@ -50,23 +50,29 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> IndexedSample:
-        if isinstance(index, list | tuple) or (isinstance(index, Tensor) and index.dim() > 0):
-            raise AdaptiveBatchTypeError(
-                f"IndexedDataset got a batch of indices ({list(index)[:4]}...) where one index "
-                "belongs: an AdaptiveBatchSampler yields whole batches, so pass it as "
-                "DataLoader(..., batch_sampler=sampler), not sampler=sampler"
-            )
+        _check_one_index(index)
         return IndexedSample(index, self.dataset[index])
 
     def __getitems__(self, indices: list[int]) -> list[IndexedSample]:
         """A batch's samples at once (what ``DataLoader`` asks a batch sampler's batch for): the
-        wrapped dataset's own ``__getitems__`` if it has one, and none of ``__getitem__``'s
-        per-sample checks (this is a list of indices by construction)."""
+        wrapped dataset's own ``__getitems__`` if it has one, and ``__getitem__``'s check once
+        per batch, not per sample."""
+        if indices:  # (one check per batch: a batch of batches is all lists)
+            _check_one_index(indices[0])
         getitems = getattr(self.dataset, "__getitems__", None)
         samples = (
             getitems(indices) if getitems is not None else map(self.dataset.__getitem__, indices)
         )
         return list(map(IndexedSample, indices, samples))
+
+
+def _check_one_index(index: Any) -> None:
+    if isinstance(index, list | tuple) or (isinstance(index, Tensor) and index.dim() > 0):
+        raise AdaptiveBatchTypeError(
+            f"IndexedDataset got a batch of indices ({list(index)[:4]}...) where one index "
+            "belongs: an AdaptiveBatchSampler yields whole batches, so pass it as "
+            "DataLoader(..., batch_sampler=sampler), not sampler=sampler"
+        )
 
 
 def split_indexed(batch: Any, *, required: bool) -> tuple[Tensor | None, Any]:

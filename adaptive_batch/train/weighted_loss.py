@@ -111,13 +111,13 @@ class PlanWeights:
         pending = self._yielded_rows()
         if pending is not None:
             pending.weighed = True
+            if rows > pending.rows:
+                raise AdaptiveBatchError(
+                    f"the weighted loss got {rows} rows, but the batch just yielded has "
+                    f"{pending.rows}: call it on that batch's outputs (or consecutive parts)"
+                )
         if weights is None or pending is None:
             return None
-        if rows > pending.rows:
-            raise AdaptiveBatchError(
-                f"the weighted loss got {rows} rows, but the batch just yielded has "
-                f"{pending.rows}: call it on that batch's outputs (or consecutive parts of them)"
-            )
         start = pending.weight_offset if pending.weight_offset + rows <= pending.rows else 0
         pending.weight_offset = start + rows
         return to_device(weights[start : start + rows], device)
