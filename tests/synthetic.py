@@ -29,7 +29,8 @@ def features_of(indices: list[int], *, pin: bool = False):
 def steady_stage(size: int, policy, batch: int, stage: str, model):
     """A sampler of constant ``batch`` over ``size`` indices, past its first epoch (every index
     has a loss, so a plan prunes and weighs), with its stage (``"step"``: StepFeedback and its
-    weighted loss; ``"filter"``: SubsetFilter), and the sampler's iterator for epoch 1:
+    weighted loss of a cross-entropy given to it; ``"step-shared"``: the stage's own loss,
+    ``weighted()``; ``"filter"``: SubsetFilter), and the sampler's iterator for epoch 1:
     ``(sampler, stage, loss_fn, batches of indices)``."""
     import torch.nn.functional as F
 
@@ -38,7 +39,10 @@ def steady_stage(size: int, policy, batch: int, stage: str, model):
     sampler = AdaptiveBatchSampler(
         size, policy=policy, batch_size=batch, min_batch_size=batch, max_batch_size=batch
     )
-    if stage == "step":
+    if stage == "step-shared":
+        stage_ = StepFeedback(None, model, sampler=sampler)
+        loss_fn = stage_.weighted()
+    elif stage == "step":
         stage_ = StepFeedback(None, model, sampler=sampler)
         loss_fn = stage_.weighted(lambda z, y: F.cross_entropy(z, y, reduction="none"))
     else:

@@ -29,7 +29,7 @@ def _steps(stage_kind: str, policy, steps: int, sync_mode: str) -> list[warnings
 
     def step() -> None:
         item = features_of(next(handed), pin=True)
-        x, y = stage.hand_out(item) if stage_kind == "step" else stage.filter_batch(item)
+        x, y = stage.filter_batch(item) if stage_kind == "filter" else stage.hand_out(item)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
@@ -51,12 +51,17 @@ def _steps(stage_kind: str, policy, steps: int, sync_mode: str) -> list[warnings
 
 
 @pytest.mark.parametrize(
-    "policy",
-    [InfoBatch(num_epochs=100), SmallLoss(stage="in_batch", fraction=0.3), GradientNoiseScale()],
-    ids=["plan", "in-batch", "sizing"],
+    ("policy", "stage"),
+    [
+        (InfoBatch(num_epochs=100), "step"),
+        (InfoBatch(num_epochs=100), "step-shared"),  # weighted(): the stage's loss, shared
+        (SmallLoss(stage="in_batch", fraction=0.3), "step"),
+        (GradientNoiseScale(), "step"),
+    ],
+    ids=["plan", "plan-shared-loss", "in-batch", "sizing"],
 )
-def test_step_feedback_steps_never_synchronise(policy):
-    _steps("step", policy, steps=5, sync_mode="error")  # a synchronising op raises
+def test_step_feedback_steps_never_synchronise(policy, stage):
+    _steps(stage, policy, steps=40, sync_mode="error")  # a synchronising op raises (40: a group)
 
 
 def test_the_look_ahead_filter_synchronises_once_per_batch():

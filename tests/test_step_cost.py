@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 
 from adaptive_batch import AdaptiveBatchSampler
 from adaptive_batch.policies import GradientNoiseScale, InfoBatch, SmallLoss, StaleSelectiveBackprop
+from adaptive_batch.train.delivery import GROUP_BATCHES
 
 from .synthetic import features_of, steady_stage
 
@@ -68,13 +69,22 @@ def _record_numpy_columns(sampler: AdaptiveBatchSampler) -> None:
     ("policy", "stage"),
     [
         (InfoBatch(num_epochs=10), "step"),
+        (InfoBatch(num_epochs=10), "step-shared"),
         (StaleSelectiveBackprop(num_epochs=10), "step"),
         (SmallLoss(warmup_epochs=0), "step"),
         (SmallLoss(stage="in_batch", fraction=0.4, warmup_epochs=0), "step"),
         (GradientNoiseScale(), "step"),
         (None, "filter"),
     ],
-    ids=["infobatch", "stale-sb", "small-loss", "in-batch", "gns", "filter"],
+    ids=[
+        "infobatch",
+        "infobatch-shared-loss",
+        "stale-sb",
+        "small-loss",
+        "in-batch",
+        "gns",
+        "filter",
+    ],
 )
 def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
     torch.manual_seed(0)
@@ -84,7 +94,7 @@ def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
 
     def step() -> None:
         item = features_of(next(handed))
-        x, y = batches.hand_out(item) if stage == "step" else batches.filter_batch(item)
+        x, y = batches.filter_batch(item) if stage == "filter" else batches.hand_out(item)
         optimizer.zero_grad()
         loss_fn(model(x), y).backward()
         optimizer.step()
@@ -100,8 +110,8 @@ def test_a_steady_state_step_touches_o_batch_elements(policy, stage):
     }
     RecordingArray.largest[0] = 0
     with LargestTensorTouched(parameters) as mode:
-        for _ in range(5):
+        for _ in range(GROUP_BATCHES + 5):  # an epoch plan's feedback goes a group at a time
             step()
-    assert sampler.num_feedback >= 5  # the steps were measured and reported
+    assert sampler.num_feedback >= GROUP_BATCHES + 5  # the steps were measured and reported
     assert mode.largest <= LIMIT, f"{mode.op} touched {mode.largest} elements"
     assert RecordingArray.largest[0] <= LIMIT
