@@ -86,7 +86,10 @@ def split_indexed(batch: Any, *, required: bool) -> tuple[Tensor | None, Any]:
         (tensor([4, 2]), 'batch')
     """
     if isinstance(batch, IndexedSample):
-        indices = torch.as_tensor(batch.index)
+        indices = batch.index
+        if isinstance(indices, Tensor) and indices.dim() == 1 and indices.device.type == "cpu":
+            return indices, batch.sample  # what default_collate makes: nothing to convert
+        indices = torch.as_tensor(indices)
         if indices.dim() > 1:
             raise AdaptiveBatchError(
                 f"the batch carries indices of shape {tuple(indices.shape)}, a batch of batches: "

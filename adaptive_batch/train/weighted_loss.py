@@ -120,7 +120,8 @@ class PlanWeights:
             return None
         start = pending.weight_offset if pending.weight_offset + rows <= pending.rows else 0
         pending.weight_offset = start + rows
-        return to_device(weights[start : start + rows], device)
+        part = weights if rows == pending.rows else weights[start : start + rows]
+        return to_device(part, device)
 
     def select_in_batch(self, losses: Tensor) -> tuple[Tensor, int] | None:
         """The in-batch rule's kept samples among these rows of the batch just yielded (a mask on
