@@ -106,6 +106,20 @@ def test_a_sampler_that_reads_each_feedback_refuses_a_group():
         sampler.feedback_group(group)
 
 
+def _linear_infobatch(samples: int):
+    """A linear model on ``samples`` blobs under InfoBatch, batches of 8 through StepFeedback."""
+    torch.manual_seed(0)
+    data = blobs(samples)
+    model = nn.Sequential(nn.Linear(8, 3))
+    sampler = AdaptiveBatchSampler(
+        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
+    )
+    batches = StepFeedback(
+        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
+    )
+    return data, model, sampler, batches
+
+
 def _train(policy, *, listen: bool, epochs: int = 3, samples: int = 600, shared: bool = False):
     """Epochs of a small MLP under ``policy``; with ``listen`` a listener makes feedback come
     batch by batch. Returns the sampler, each epoch's batches and the most batches held."""
@@ -161,15 +175,7 @@ def test_grouped_feedback_trains_exactly_as_batch_by_batch(make_policy):
 
 
 def test_reading_the_sampler_reports_the_batches_held_for_a_group():
-    torch.manual_seed(0)
-    data = blobs(400)
-    model = nn.Sequential(nn.Linear(8, 3))
-    sampler = AdaptiveBatchSampler(
-        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
-    )
-    batches = StepFeedback(
-        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
-    )
+    _data, model, sampler, batches = _linear_infobatch(400)
     for seen, (x, y) in enumerate(batches, 1):
         F.cross_entropy(model(x), y).backward()
         if seen == 10:
@@ -189,15 +195,7 @@ def test_weighted_without_a_loss_computes_the_losses_once_for_step_and_feedback(
 
 
 def test_a_shared_loss_on_another_tensor_falls_back_to_the_head_s_own_losses():
-    torch.manual_seed(0)
-    data = blobs(64)
-    model = nn.Sequential(nn.Linear(8, 3))
-    sampler = AdaptiveBatchSampler(
-        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
-    )
-    batches = StepFeedback(
-        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
-    )
+    data, model, _sampler, batches = _linear_infobatch(64)
     loss_fn = batches.weighted()
     for step, (x, y) in enumerate(batches):
         logits = model(x)
@@ -217,15 +215,7 @@ def test_a_shared_loss_on_another_tensor_falls_back_to_the_head_s_own_losses():
 
 
 def test_a_group_with_non_finite_losses_warns_once():
-    torch.manual_seed(0)
-    data = blobs(200)
-    model = nn.Sequential(nn.Linear(8, 3))
-    sampler = AdaptiveBatchSampler(
-        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
-    )
-    batches = StepFeedback(
-        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
-    )
+    _data, model, sampler, batches = _linear_infobatch(200)
     with pytest.warns(AdaptiveBatchWarning, match="NaN or infinite"):
         for x, y in batches:
             x = x.clone()
@@ -235,15 +225,7 @@ def test_a_group_with_non_finite_losses_warns_once():
 
 
 def test_a_weighted_loss_over_more_rows_than_the_batch_is_a_clear_error():
-    torch.manual_seed(0)
-    data = blobs(40)
-    model = nn.Sequential(nn.Linear(8, 3))
-    sampler = AdaptiveBatchSampler(
-        data, policy=InfoBatch(num_epochs=2), batch_size=8, min_batch_size=8
-    )
-    batches = StepFeedback(
-        DataLoader(IndexedDataset(data), batch_sampler=sampler), model, sampler=sampler
-    )
+    _data, model, _sampler, batches = _linear_infobatch(40)
     loss_fn = batches.weighted()
     x, y = next(iter(batches))
     with pytest.raises(AdaptiveBatchError, match="got 16 rows, but the batch just yielded has 8"):
