@@ -149,7 +149,8 @@ class AdaptiveBatchSampler(
     )
     feedback_lag = property(
         lambda self: dict(self.sizer.lags),
-        doc="How many batches' feedback was missing when each size was decided, counted.",
+        doc="How many batches' feedback was missing when each size was decided, counted (an "
+        "epoch plan's feedback comes in groups of up to 32 batches: nothing sizes from it).",
     )
 
     @property
