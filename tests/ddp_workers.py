@@ -39,22 +39,31 @@ def _data(num: int = 240) -> IndexedDataset:
     return IndexedDataset(blobs(num))
 
 
-def rank_worker(body):
+def rank_worker(body=None, *, expected: tuple[type[Exception], str] | None = None):
     """A spawned rank: ``body(rank)``'s report goes to the test as ``(rank, "ok", report)``, any
-    exception as ``(rank, "error", traceback)``; the process group is set up and torn down here."""
+    exception as ``(rank, "error", traceback)``; the process group is set up and torn down here.
+    ``expected``: ``(an exception type, its status)``, reported as ``(rank, status, (message,
+    seconds since the rank started))`` -- a test that wants every rank to raise, and soon."""
 
-    @functools.wraps(body)
-    def worker(rank: int, world: int, port: int, results) -> None:
-        try:
-            _init(rank, world, port)
-            results.put((rank, "ok", body(rank)))
-        except Exception:
-            results.put((rank, "error", traceback.format_exc()))
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    def decorate(body):
+        @functools.wraps(body)
+        def worker(rank: int, world: int, port: int, results) -> None:
+            start = time.monotonic()
+            try:
+                _init(rank, world, port)
+                results.put((rank, "ok", body(rank)))
+            except Exception as error:
+                if expected is not None and isinstance(error, expected[0]):
+                    results.put((rank, expected[1], (str(error), time.monotonic() - start)))
+                else:
+                    results.put((rank, "error", traceback.format_exc()))
+            finally:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
 
-    return worker
+        return worker
+
+    return decorate if body is None else decorate(body)
 
 
 def table_digest(ledger) -> str:
@@ -102,57 +111,39 @@ def gradient_weighting(rank: int) -> object:
     return {"worst": worst, "kept_counts": kept_counts}
 
 
-def mismatched_config(rank: int, world: int, port: int, results) -> None:
+@rank_worker(expected=(ValueError, "value-error"))
+def mismatched_config(rank: int) -> None:
     """Rank 1 uses another seed: both ranks must raise, not hang."""
-    try:
-        _init(rank, world, port)
-        sampler = AdaptiveBatchSampler(
-            _data(), policy=EDBA(), batch_size=24, min_batch_size=6, seed=rank
-        )
-        next(iter(sampler))
-        results.put((rank, "ok", None))
-    except ValueError as error:
-        results.put((rank, "value-error", str(error)))
-    except Exception:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    sampler = AdaptiveBatchSampler(
+        _data(), policy=EDBA(), batch_size=24, min_batch_size=6, seed=rank
+    )
+    next(iter(sampler))
 
 
-def _skipping(rank: int, world: int, port: int, results, *, bypass: bool) -> None:
+def _skipping(rank: int, *, bypass: bool) -> None:
     """Rank 1 trains without reporting feedback: every rank must raise, naming rank 1."""
-    start = time.monotonic()
-    try:
-        _init(rank, world, port)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
-        data = _data()
-        sampler = AdaptiveBatchSampler(data, policy=EDBA(seed=0), batch_size=24, min_batch_size=6)
-        loader = DataLoader(data, batch_sampler=sampler)
-        if rank == 0 or bypass:
-            batches = SubsetFilter(loader, model, sampler=sampler)
-        # With bypass, rank 1 builds the filter but iterates the loader itself.
-        source = batches if rank == 0 else loader
-        for _ in range(3):
-            for _batch in source:
-                pass
-        results.put((rank, "ok", None))
-    except AdaptiveBatchError as error:
-        results.put((rank, "adaptive-batch-error", (str(error), time.monotonic() - start)))
-    except Exception:
-        results.put((rank, "error", traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    data = _data()
+    sampler = AdaptiveBatchSampler(data, policy=EDBA(seed=0), batch_size=24, min_batch_size=6)
+    loader = DataLoader(data, batch_sampler=sampler)
+    if rank == 0 or bypass:
+        batches = SubsetFilter(loader, model, sampler=sampler)
+    # With bypass, rank 1 builds the filter but iterates the loader itself.
+    source = batches if rank == 0 else loader
+    for _ in range(3):
+        for _batch in source:
+            pass
 
 
-def skipped_feedback(rank: int, world: int, port: int, results) -> None:
-    _skipping(rank, world, port, results, bypass=False)
+@rank_worker(expected=(AdaptiveBatchError, "adaptive-batch-error"))
+def skipped_feedback(rank: int) -> None:
+    _skipping(rank, bypass=False)
 
 
-def bypassed_feedback(rank: int, world: int, port: int, results) -> None:
-    _skipping(rank, world, port, results, bypass=True)
+@rank_worker(expected=(AdaptiveBatchError, "adaptive-batch-error"))
+def bypassed_feedback(rank: int) -> None:
+    _skipping(rank, bypass=True)
 
 
 @rank_worker

@@ -109,7 +109,7 @@ def test_differently_configured_ranks_fail_on_every_rank_without_hanging():
     out = spawn(ddp_workers.mismatched_config)
     for rank, (status, payload) in out.items():
         assert status == "value-error", f"rank {rank}: {status} {payload}"
-        assert "seed: rank 0 0, rank 1 1" in payload
+        assert "seed: rank 0 0, rank 1 1" in payload[0]
 
 
 @pytest.mark.parametrize("worker", ["skipped_feedback", "bypassed_feedback"])
