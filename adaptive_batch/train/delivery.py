@@ -33,6 +33,15 @@ class _Warns(Protocol):
     def warn_nonfinite(self, bad: int, rows: int) -> None: ...
 
 
+def _checked_sum(values: np.ndarray, stage: _Warns) -> float:
+    """The losses' sum (one reduction), and the stage's warning if some are not finite (counted
+    only then)."""
+    total = float(values.sum(dtype=np.float64))
+    if not math.isfinite(total):
+        stage.warn_nonfinite(int((~np.isfinite(values)).sum()), values.size)
+    return total
+
+
 @dataclass
 class InTransit:
     """A measured batch on its way to the sampler: its losses (after ``stats`` statistics, and
@@ -59,9 +68,7 @@ class InTransit:
         rows = self.indices.numel()
         losses = host[self.stats : self.stats + rows]
         values = losses.numpy()
-        total = float(values.sum(dtype=np.float64))  # one reduction: the mean and the check
-        if not math.isfinite(total):
-            stage.warn_nonfinite(int((~np.isfinite(values)).sum()), values.size)
+        total = _checked_sum(values, stage)
         if self.stats:
             stats = dict(zip(STAT_NAMES, host[: self.stats].tolist(), strict=True))
         else:
@@ -89,9 +96,7 @@ def group_of(transits: list[InTransit], stage: _Warns) -> FeedbackGroup:
                 host[t.stats + rows :] > 0.5 if t.selected else torch.ones(rows, dtype=torch.bool)
             )
     all_losses = torch.cat(losses)
-    values = all_losses.numpy()
-    if not np.isfinite(values.sum(dtype=np.float64)):  # one reduction; counted only if off
-        stage.warn_nonfinite(int((~np.isfinite(values)).sum()), values.size)
+    _checked_sum(all_losses.numpy(), stage)
     return FeedbackGroup(
         torch.cat(candidates),
         torch.cat(kept) if selected else None,

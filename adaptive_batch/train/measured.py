@@ -57,7 +57,7 @@ class PendingBatch(YieldedRows):
         choices do not cover the batch)."""
         if not self.kept_parts:
             return None
-        mask = self.kept_parts[0] if len(self.kept_parts) == 1 else torch.cat(self.kept_parts)
+        mask = _joined(self.kept_parts)
         return mask if mask.numel() == self.rows else None
 
 
@@ -120,10 +120,8 @@ def losses_of(loss: HeadLoss, outputs: Tensor, targets: Any) -> Tensor:
     targets = to_device(targets, outputs.device)
     if outputs.dtype != torch.float32 and outputs.dtype != torch.float64:
         outputs = outputs.float()  # losses in float32 from half-precision logits
-    if torch.is_autocast_enabled(outputs.device.type):
-        with torch.autocast(outputs.device.type, enabled=False):
-            return loss.losses(outputs, targets)
-    return loss.losses(outputs, targets)
+    with _full_precision(outputs.device.type):
+        return loss.losses(outputs, targets)
 
 
 def measure_statistics(pending: PendingBatch, head: nn.Module, loss: HeadLoss) -> Tensor:
@@ -273,7 +271,7 @@ class BatchMeasurement:
             packed = self._deferred_losses(pending)
         elif pending.part_losses:
             parts = pending.part_losses
-            packed = parts[0] if len(parts) == 1 else torch.cat(parts)
+            packed = _joined(parts)
         else:
             assert self.head is not None
             packed, stats = measure_statistics(pending, self.head, self.loss), len(STAT_NAMES)
@@ -296,7 +294,7 @@ class BatchMeasurement:
                 rows = output.shape[0]
                 part = targets if rows == pending.rows else targets[start : start + rows]
                 parts.append(losses_of(self.loss, output, part))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        return _joined(parts)
 
     def _warn_unmeasured(self, pending: PendingBatch) -> None:
         key, why = why_unmeasured(pending, self.head)
